@@ -1,0 +1,25 @@
+"""Communicators for the core's selection: the torch.distributed one lives here, outside the core."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bidrop_ds.core.select import LocalCommunicator
+
+
+class ProcessGroupCommunicator:
+    """All-reduces over a torch.distributed process group (None = the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+
+def default_communicator() -> ProcessGroupCommunicator | LocalCommunicator:
+    """The default process group if one is initialised, else the local (single-process) one."""
+    if dist.is_available() and dist.is_initialized():
+        return ProcessGroupCommunicator()
+    return LocalCommunicator()

