@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
 from bidrop_ds.backends.torch_ddp import TorchBackend
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import PassStatistics, global_threshold, kept_count, scores_into_m2
@@ -51,13 +52,13 @@ def derive_seed(*parts: int) -> int:
 class BiDrop:
     """Bi-Drop on a model and its optimizer (plain nn.Module or DDP-wrapped)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  config: BiDropConfig | None = None) -> None:
         self.config = config if config is not None else BiDropConfig()
         if not isinstance(self.config, BiDropConfig):
             raise TypeError(f"BiDrop: config must be a BiDropConfig, got {type(self.config).__name__}")
         self.model = model
-        self.backend = TorchBackend(model, optimizer, self.config)
+        self.backend = self._make_backend(model, optimizer)
         self.stats = PassStatistics(self.backend.numel, device=self.backend.device)
         self.masking = self.config.k > 1 and self.config.p < 1.0
         self.n = kept_count(self.config.p, self.backend.total_numel)
@@ -65,6 +66,18 @@ class BiDrop:
         self.skipped_steps = 0
         self._in_step = False
         self.backend.begin_step()
+
+    def _make_backend(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        if is_deepspeed_engine(model):
+            if optimizer is not None:
+                raise ValueError("BiDrop(engine, config=...): a DeepSpeed engine brings its own optimizer; "
+                                 "do not pass one")
+            from bidrop_ds.backends.deepspeed_zero import DeepSpeedBackend
+
+            return DeepSpeedBackend(model, self.config)
+        if optimizer is None:
+            raise ValueError("BiDrop(model, optimizer, config): a plain or DDP model needs its optimizer")
+        return TorchBackend(model, optimizer, self.config)
 
     # ----- the hooks -------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -105,6 +118,7 @@ class BiDrop:
                 generator = torch.Generator(device=self.backend.device).manual_seed(seed)
             scores = scores_into_m2(self.stats, self.backend.abs_params(), self.config.score,
                                     self.config.eps, generator, grad_scale)
+            self.backend.exclude_ineligible(scores)
             found = global_threshold(scores, self.n, self.backend.selection_comm, not finite)
             finite = finite and found is not None
         if not (self.masking and self.backend.selection_comm is self.backend.agreement_comm):
@@ -115,9 +129,9 @@ class BiDrop:
         kept = self.backend.total_numel
         if self.masking:  # k = 1 or p = 1 is vanilla: no mask, no rescale
             threshold, kept = found.value, found.kept
-            update.masked_fill_(scores < threshold, 0.0)
-            if self.config.rescale:
-                update.div_(self.config.p)
+            update.masked_fill_((scores < threshold) & (scores >= 0), 0.0)  # negative: ineligible, kept
+            if self.config.rescale:  # the kept eligible elements only
+                torch.where(scores >= threshold, update / self.config.p, update, out=update)
         self.backend.write_gradients(update, self.config.k)
         return StepResult(kept_fraction=kept / self.backend.total_numel, skipped=False,
                           threshold=threshold, step=step)
@@ -132,6 +146,7 @@ class BiDrop:
         chunks = list(batch_or_chunks) if isinstance(batch_or_chunks, (list, tuple)) else [batch_or_chunks]
         if not chunks:
             raise ValueError("BiDrop.step: got an empty list of chunks")
+        self.backend.check_chunks(len(chunks))
         self.begin_step()
         losses = []
         for pass_index in range(self.config.k):
@@ -139,7 +154,7 @@ class BiDrop:
                 for chunk_index, chunk in enumerate(chunks):
                     with self.backend.chunk_context(last_chunk=chunk_index == len(chunks) - 1):
                         loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
-                        self.backend.backward(loss if len(chunks) == 1 else loss / len(chunks))
+                        self.backend.backward(loss, len(chunks))
                     losses.append(loss.detach())
             self.fold_pass()
         result = self.apply_mask()

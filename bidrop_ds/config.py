@@ -30,7 +30,7 @@ class BiDropConfig:
     k: int = field(default=2, metadata={"help": "dropout passes per mini-batch (1 = vanilla fine-tuning)"})
     p: float = field(default=0.3, metadata={"help": "fraction of eligible elements updated each step, in (0, 1]"})
     score: str = field(default="product", metadata={"help": f"element score: one of {', '.join(SCORES)}"})
-    rescale: bool = field(default=False, metadata={"help": "divide the kept gradient by p (when a mask applies: k > 1 and p < 1)"})
+    rescale: bool = field(default=False, metadata={"help": "divide the kept gradient of eligible elements by p (when a mask applies: k > 1 and p < 1)"})
     eps: float = field(default=1e-8, metadata={"help": "stabiliser in the score denominators, > 0"})
     include: tuple[str, ...] = field(
         default=DEFAULT_INCLUDE,

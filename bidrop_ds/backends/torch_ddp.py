@@ -59,6 +59,12 @@ class TorchBackend:
         self.agreement_comm: Communicator = (ProcessGroupCommunicator() if self.world_size > 1
                                              else LocalCommunicator())
 
+    def check_chunks(self, chunks: int) -> None:
+        """Any number of chunks works: each pass averages them."""
+
+    def exclude_ineligible(self, scores: torch.Tensor) -> None:
+        """Nothing to exclude: the statistics cover the eligible parameters only."""
+
     def begin_step(self) -> None:
         """Zero every gradient and (re)attach the flat-buffer views (an outside zero_grad may drop them)."""
         self.flat_grad.zero_()
@@ -73,8 +79,9 @@ class TorchBackend:
         with (nullcontext() if last_chunk or not self.is_ddp else self.model.no_sync()):
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, chunks: int) -> None:
+        """Backward of one chunk's loss, divided by the chunk count so a pass averages its chunks."""
+        (loss if chunks == 1 else loss / chunks).backward()
 
     def pass_gradient(self) -> torch.Tensor:
         """This pass's reduced gradient of the eligible elements, flat (valid until `end_pass`)."""

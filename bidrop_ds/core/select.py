@@ -76,6 +76,9 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
                      locally_nonfinite: bool = False) -> Threshold | None:
     """The n-th largest score over all ranks (each passes its own flat float32 `scores`).
 
+    Scores are >= 0 (or +inf); a negative score marks an element that is not a candidate (an
+    ineligible parameter or padding inside a partition): it is neither counted in N nor kept.
+
     Every rank must call this with the same n. `locally_nonfinite` says this rank's statistics are
     poisoned: the flag rides in the first all-reduce, and if any rank raised it every rank returns
     None (skip the step) without looking at its scores further. n must be in 1..N.
@@ -99,8 +102,7 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
             comm.all_reduce_sum(hist)
         counts = hist.tolist()
         if round_index == 0:
-            if any(counts[NUM_BINS // 2:]):
-                raise ValueError("select: scores must be non-negative (a sign bit is set)")
+            counts[NUM_BINS // 2:] = [0] * (NUM_BINS // 2)  # sign bit set: not a candidate
             if not 1 <= n <= sum(counts):
                 raise ValueError(f"select: n = {n} is outside 1..N = {sum(counts)}")
         for digit in range(NUM_BINS - 1, -1, -1):
