@@ -95,11 +95,12 @@ class BiDrop:
         self.stats.update(self.backend.pass_gradient())
         self.backend.end_pass()
 
-    def apply_mask(self, grad_scale: float = 1.0) -> StepResult:
+    def apply_mask(self, grad_scale: float | None = None) -> StepResult:
         """After the k passes: decide the mask and write the final gradient (before optimizer.step()).
 
-        `grad_scale` is the factor the gradients carry (e.g. a GradScaler's loss scale), so that the
-        mask is that of the unscaled gradients; the written gradient keeps the scale.
+        `grad_scale` is the factor the gradients carry (e.g. a GradScaler's loss scale; None: the
+        backend's own, i.e. DeepSpeed's fp16 loss scale, else 1), so that the mask is that of the
+        unscaled gradients; the written gradient keeps the scale.
         If any statistic is non-finite on any rank, every rank skips: all grads are set to None so
         that the optimizer's step touches neither parameters nor state.
         """
@@ -109,6 +110,8 @@ class BiDrop:
         self._in_step = False
         step = self.step_index
         self.step_index += 1
+        if grad_scale is None:
+            grad_scale = self.backend.grad_scale()
         finite = self.stats.is_finite() and self.backend.others_finite()
         threshold = None
         if self.masking:
@@ -152,7 +155,8 @@ class BiDrop:
         for pass_index in range(self.config.k):
             with self._pass_rng(pass_index):
                 for chunk_index, chunk in enumerate(chunks):
-                    with self.backend.chunk_context(last_chunk=chunk_index == len(chunks) - 1):
+                    last_in_pass = chunk_index == len(chunks) - 1
+                    with self.backend.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
                         loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
                         self.backend.backward(loss, len(chunks))
                     losses.append(loss.detach())
@@ -178,7 +182,7 @@ class BiDrop:
     # ----- internals ----------------------------------------------------------------------------
     def _skip(self, step: int) -> StepResult:
         self.skipped_steps += 1
-        self.backend.drop_gradients()
+        self.backend.skip_step()
         logger.warning("Bi-Drop step %d skipped: non-finite gradient in some pass on some rank "
                        "(%d skipped so far)", step, self.skipped_steps)
         return StepResult(kept_fraction=0.0, skipped=True, threshold=None, step=step)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bidrop_ds.comm import ProcessGroupCommunicator
+from bidrop_ds.core import LocalCommunicator
 from bidrop_ds.config import BiDropConfig
 
 VERIFIED_DEEPSPEED = ("0.19.5", "0.20")  # [low, high)
@@ -69,6 +70,12 @@ def _check_features(engine) -> None:
         refusals.append("optimizer offload (offload_optimizer)")
     if engine.zero_offload_param() is not None and getattr(engine.zero_offload_param(), "device", "none") != "none":
         refusals.append("parameter offload (offload_param)")
+    stage, optimizer = engine.zero_optimization_stage(), type(engine.optimizer).__name__
+    if stage == 0 and (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        refusals.append("ZeRO stage 0 with bf16/fp16 (DeepSpeed's BF16_Optimizer / FP16_Optimizer); "
+                        "use ZeRO stage 2 or 3 for mixed precision")
+    if stage == 1 and optimizer == "BF16_Optimizer":
+        refusals.append("ZeRO stage 1 with bf16 (DeepSpeed's BF16_Optimizer); use ZeRO stage 2 or 3 for bf16")
     if not engine.managed_gradient_accumulation():
         refusals.append("managed_gradient_accumulation=false (Bi-Drop drives the accumulation itself)")
     if refusals:
@@ -79,20 +86,21 @@ def _check_features(engine) -> None:
 class Zero3Partition:
     """ZeRO-3: each backward reduce-scatters into one flat buffer of this rank's grad partitions
     (`grad_partitions_flat_buffer`, in the order of `fp16_groups`); fp32 masters sit in
-    `fp32_partitioned_groups_flat[group]` at `grad_position[param_id]`."""
+    `fp32_partitioned_groups_flat[group]` at `grad_position[param_id]`. The buffer accumulates, so it
+    is zeroed after each pass is read; the boundary is only the step's final backward."""
+
+    boundary_every_pass = False
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         opt = engine.optimizer
         self.optimizer = opt
         self.grad: torch.Tensor = opt.grad_partitions_flat_buffer
-        params = [param for group in opt.fp16_groups for param in group]
+        self.numel = self.grad.numel()
         by_id = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         rank = dist.get_rank(group=opt.dp_process_group)
         self.fragments, self._masters = [], []
-        base = self.grad.data_ptr()
-        for param in params:
-            view = by_id[param.ds_id]
-            offset = (view.data_ptr() - base) // self.grad.element_size()
+        for param in (param for group in opt.fp16_groups for param in group):
+            offset = (by_id[param.ds_id].data_ptr() - self.grad.data_ptr()) // self.grad.element_size()
             partition = param.partition_numel()
             owned = max(0, min(partition, param.ds_numel - rank * partition))
             name = names[id(param)]
@@ -100,12 +108,92 @@ class Zero3Partition:
             group_idx, dest, _ = opt.grad_position[opt.get_param_id(param)]
             self._masters.append((offset, opt.fp32_partitioned_groups_flat[group_idx].detach().narrow(0, dest, owned)))
 
+    def begin_step(self) -> None:
+        self.grad.zero_()
+
+    def segments(self) -> list[torch.Tensor]:
+        return [self.grad]
+
     def master(self) -> torch.Tensor:
         """The fp32 master weights aligned with the gradient partition (a copy; padding reads 0)."""
-        out = torch.zeros(self.grad.numel(), dtype=torch.float32, device=self.grad.device)
+        out = torch.zeros(self.numel, dtype=torch.float32, device=self.grad.device)
         for offset, master in self._masters:
             out[offset:offset + master.numel()] = master
         return out
+
+
+class Zero12Partition:
+    """ZeRO-1/2 (DeepSpeedZeroOptimizer): the end of every pass is made an accumulation boundary, so
+    DeepSpeed reduces that pass into this rank's partition and lists it, as views, in
+    `averaged_gradients[group]` (laid out like the flat fp32 master partition
+    `single_partition_of_fp32_groups[group]`, `partition_size[group]` elements, padding included).
+    With 16-bit params and fp32 accumulation that list is one compact fp32 buffer (`flat_partition`)
+    that accumulates; otherwise each boundary lists fresh tensors. Either way the pass is read there,
+    zeroed after reading, and the final pass's views receive the masked mean for `engine.step()`."""
+
+    boundary_every_pass = True
+
+    def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
+        opt = engine.optimizer
+        self.optimizer = opt
+        sizes = [int(size) for size in opt.partition_size]
+        self.numel = sum(sizes)
+        self.fragments, base = [], 0
+        for i, size in enumerate(sizes):
+            partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+            for param in opt.params_in_partition[i]:
+                address = param._hp_mapping.lp_fragment_address
+                dest = int(opt.grad_partition_insertion_offset[i][partition_id][opt.get_param_id(param)])
+                name = names[id(param)]
+                self.fragments.append(Fragment(name, int(address.start), base + dest, int(address.numel),
+                                               config.is_eligible(name)))
+            base += size
+
+    def begin_step(self) -> None:
+        """Nothing: each pass's boundary lists the pass's own reduced gradient."""
+
+    def segments(self) -> list[torch.Tensor]:
+        out = []
+        for group in sorted(self.optimizer.averaged_gradients):
+            listed = self.optimizer.averaged_gradients[group]
+            flat = getattr(listed, "flat_partition", None)
+            out += [flat] if flat is not None else list(listed)
+        return out
+
+    def master(self) -> torch.Tensor:
+        return torch.cat([part.detach() for part in self.optimizer.single_partition_of_fp32_groups]).float()
+
+
+class Zero0Replica:
+    """ZeRO-0 in fp32: no partitioning; every pass end is a boundary, where DeepSpeed all-reduces
+    `p.grad` in place. Every rank then holds the whole reduced gradient, as under DDP, so the
+    statistics cover the whole model on every rank (8 bytes per trainable element) and each rank
+    selects locally; the masks agree because the reduced gradients are identical."""
+
+    boundary_every_pass = True
+    selects_locally = True
+
+    def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
+        self.params = [param for param in engine.module.parameters() if param.requires_grad]
+        self.fragments, offset = [], 0
+        for param in self.params:
+            name = names[id(param)]
+            self.fragments.append(Fragment(name, 0, offset, param.numel(), config.is_eligible(name)))
+            offset += param.numel()
+        self.numel = offset
+
+    def begin_step(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def segments(self) -> list[torch.Tensor]:
+        for param in self.params:
+            if param.grad is None:  # a parameter this batch did not reach
+                param.grad = torch.zeros_like(param)
+        return [param.grad for param in self.params]
+
+    def master(self) -> torch.Tensor:
+        return torch.cat([param.detach().reshape(-1) for param in self.params]).float()
 
 
 class DeepSpeedBackend:
@@ -117,16 +205,18 @@ class DeepSpeedBackend:
         self.engine = engine
         self.stage = engine.zero_optimization_stage()
         names = {id(param): name for name, param in engine.module.named_parameters()}
-        if self.stage == 3:
-            self.partition = Zero3Partition(engine, names, config)
-        else:
+        adapters = {0: Zero0Replica, 1: Zero12Partition, 2: Zero12Partition, 3: Zero3Partition}
+        if self.stage not in adapters:
             raise NotImplementedError(f"BiDrop: DeepSpeed ZeRO stage {self.stage} is not supported yet "
-                                      "(supported: 3)")
-        self.device = self.partition.grad.device
-        self.numel = self.partition.grad.numel()
+                                      f"(supported: {sorted(adapters)})")
+        self.partition = adapters[self.stage](engine, names, config)
+        self.numel = self.partition.numel
+        self.device = torch.device(engine.device)
         self.rank = dist.get_rank()
-        self.selection_comm = ProcessGroupCommunicator(self.partition.optimizer.dp_process_group)
-        self.agreement_comm = self.selection_comm
+        self.agreement_comm = ProcessGroupCommunicator(getattr(engine.optimizer, "dp_process_group", None)
+                                                       or engine.data_parallel_group)
+        local = getattr(self.partition, "selects_locally", False)
+        self.selection_comm = LocalCommunicator() if local else self.agreement_comm
         eligible = torch.tensor([sum(f.numel for f in self.partition.fragments if f.eligible)],
                                 dtype=torch.int64, device=self.device)
         self.selection_comm.all_reduce_sum(eligible)
@@ -150,21 +240,25 @@ class DeepSpeedBackend:
 
     def begin_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(False)
-        self.partition.grad.zero_()
+        self.partition.begin_step()
 
     @contextmanager
-    def chunk_context(self, last_chunk: bool) -> Iterator[None]:
+    def micro_step(self, last_in_pass: bool, last_in_step: bool) -> Iterator[None]:
+        """Mark DeepSpeed's accumulation boundary: every pass end where the stage reduces there,
+        else only the step's final backward (which readies DeepSpeed's step)."""
+        every_pass = self.partition.boundary_every_pass
+        self.engine.set_gradient_accumulation_boundary(last_in_pass if every_pass else last_in_step)
         yield
 
     def backward(self, loss: torch.Tensor, chunks: int) -> None:
         """engine.backward divides by gradient_accumulation_steps, which check_chunks made = chunks."""
         self.engine.backward(loss)
 
-    def pass_gradient(self) -> torch.Tensor:
-        return self.partition.grad
+    def pass_gradient(self) -> list[torch.Tensor]:
+        return self.partition.segments()
 
     def end_pass(self) -> None:
-        self.partition.grad.zero_()
+        torch._foreach_zero_(self.partition.segments())
 
     def abs_params(self) -> torch.Tensor:
         return self.partition.master().abs_()
@@ -178,17 +272,28 @@ class DeepSpeedBackend:
         return True  # every trainable element is in the statistics
 
     def write_gradients(self, update: torch.Tensor, passes: int) -> None:
-        self.partition.grad.copy_(update)
+        segments = self.partition.segments()
+        torch._foreach_copy_([t.view(-1) for t in segments], list(update.split([t.numel() for t in segments])))
 
-    def drop_gradients(self) -> None:
-        self.partition.grad.zero_()
+    def grad_scale(self) -> float:
+        """The fp16 loss scale the partition's gradients carry (DeepSpeed unscales in its step)."""
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
+
+    def skip_step(self) -> None:
+        """Skip on every rank. fp16 takes DeepSpeed's overflow path (the step sees inf, skips, and
+        backs the loss scale off); otherwise the engine does not step and the gradients are zeroed."""
+        segments = self.partition.segments()
+        if self.engine.fp16_enabled():
+            torch._foreach_fill_(segments, float("inf"))
+            self.optimizer_step()
+        else:
+            torch._foreach_zero_(segments)
 
     def optimizer_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
 
     def zero_grad(self) -> None:
-        self.partition.grad.zero_()
         self.engine.optimizer.zero_grad()
         self.engine.set_gradient_accumulation_boundary(False)
 

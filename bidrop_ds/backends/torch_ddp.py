@@ -74,9 +74,9 @@ class TorchBackend:
             param.grad = None
 
     @contextmanager
-    def chunk_context(self, last_chunk: bool) -> Iterator[None]:
+    def micro_step(self, last_in_pass: bool, last_in_step: bool) -> Iterator[None]:
         """Under DDP, reduce once per pass: chunks before the last accumulate locally (no_sync)."""
-        with (nullcontext() if last_chunk or not self.is_ddp else self.model.no_sync()):
+        with (nullcontext() if last_in_pass or not self.is_ddp else self.model.no_sync()):
             yield
 
     def backward(self, loss: torch.Tensor, chunks: int) -> None:
@@ -111,7 +111,10 @@ class TorchBackend:
         if grads and passes > 1:
             torch._foreach_div_(grads, float(passes))
 
-    def drop_gradients(self) -> None:
+    def grad_scale(self) -> float:
+        return 1.0  # a loss scale of the user's own (GradScaler) is passed to apply_mask
+
+    def skip_step(self) -> None:
         """Set every grad to None, so that an optimizer step leaves all parameters and state alone."""
         for param in self.eligible + self.others:
             param.grad = None

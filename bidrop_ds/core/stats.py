@@ -8,6 +8,8 @@ which is exactly the regime Bi-Drop cares about (small spread, large mean).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -25,23 +27,28 @@ class PassStatistics:
         self.m2.zero_()
         self.count = 0
 
-    def update(self, grad: torch.Tensor) -> None:
-        """Fold in one pass's gradient `grad` (flat, any float dtype, same length as the buffers).
+    def update(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Fold in one pass's gradient: a flat tensor as long as the buffers, or a list of tensors
+        (views where the gradient lives) whose concatenation is, handled with `torch._foreach_*`.
 
         With delta = g - mean_old: mean_new = mean_old + delta / n and
         M2 += delta * (g - mean_new) = delta^2 * (n - 1) / n, so one temporary suffices.
         """
-        if grad.shape != self.mean.shape:
-            raise ValueError(f"PassStatistics.update: gradient of shape {tuple(grad.shape)}, "
-                             f"expected {tuple(self.mean.shape)}")
+        grads = [grad] if isinstance(grad, torch.Tensor) else [g.reshape(-1) for g in grad]
+        sizes = [g.numel() for g in grads]
+        if sum(sizes) != self.mean.numel() or any(g.dim() != 1 for g in grads):
+            raise ValueError(f"PassStatistics.update: gradient pieces of {sum(sizes)} elements "
+                             f"(shapes {[tuple(g.shape) for g in grads][:4]}...), expected one flat "
+                             f"{self.mean.numel()}")
+        means, m2s = list(self.mean.split(sizes)), list(self.m2.split(sizes))
         self.count += 1
         if self.count == 1:
             # First pass: mean = g exactly, M2 stays 0 (keeps k = 1 bit-identical to vanilla).
-            self.mean.copy_(grad)
+            torch._foreach_copy_(means, grads)
             return
-        delta = grad.float() - self.mean
-        self.mean.add_(delta, alpha=1.0 / self.count)
-        self.m2.addcmul_(delta, delta, value=(self.count - 1) / self.count)
+        delta = torch._foreach_sub([g.float() for g in grads], means)
+        torch._foreach_add_(means, delta, alpha=1.0 / self.count)
+        torch._foreach_addcmul_(m2s, delta, delta, value=(self.count - 1) / self.count)
 
     def is_finite(self) -> bool:
         """False if any mean or M2 element is inf or NaN (a non-finite pass poisons both).
