@@ -132,7 +132,8 @@ class BiDrop:
         kept = self.backend.total_numel
         if self.masking:  # k = 1 or p = 1 is vanilla: no mask, no rescale
             threshold, kept = found.value, found.kept
-            update.masked_fill_((scores < threshold) & (scores >= 0), 0.0)  # negative: ineligible, kept
+            candidate = ~torch.signbit(scores)  # the sign bit marks ineligible elements: always kept
+            update.masked_fill_((scores < threshold) & candidate, 0.0)
             if self.config.rescale:  # the kept eligible elements only
                 torch.where(scores >= threshold, update / self.config.p, update, out=update)
         self.backend.write_gradients(update, self.config.k)

@@ -34,7 +34,7 @@ def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor, kind: str, ep
         out.div_(k).sqrt_().add_(eps * grad_scale)        # s + eps (in unscaled units)
         torch.div(mean.abs(), out, out=out)               # F_per
         if kind == "product":
-            out.mul_(mean.abs()).div_(abs_param.float().add(eps))   # F_per * |m| / (|theta| + eps)
+            out.mul_(mean.abs().div_(abs_param.float().add(eps)))   # F_per * F_sca (no overflow in between)
         return out
     if kind == "scaling":
         return torch.div(mean.abs(), abs_param.float().add(eps), out=out)
