@@ -71,11 +71,14 @@ def _check_features(engine) -> None:
     if engine.zero_offload_param() is not None and getattr(engine.zero_offload_param(), "device", "none") != "none":
         refusals.append("parameter offload (offload_param)")
     stage, optimizer = engine.zero_optimization_stage(), type(engine.optimizer).__name__
-    if stage == 0 and (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        refusals.append("ZeRO stage 0 with bf16/fp16 (DeepSpeed's BF16_Optimizer / FP16_Optimizer); "
-                        "use ZeRO stage 2 or 3 for mixed precision")
+    if stage == 0 and engine.fp16_enabled():
+        refusals.append("ZeRO stage 0 with fp16 (DeepSpeed's FP16_Optimizer); use ZeRO stage 1, 2 or 3 for fp16")
+    if stage == 0 and engine.bfloat16_enabled() and optimizer != "FP16_UnfusedOptimizer":
+        refusals.append(f"ZeRO stage 0 with bf16 through {optimizer}; only DeepSpeed's default "
+                        "(FP16_UnfusedOptimizer, bf16 gradient accumulation) is supported")
     if stage == 1 and optimizer == "BF16_Optimizer":
-        refusals.append("ZeRO stage 1 with bf16 (DeepSpeed's BF16_Optimizer); use ZeRO stage 2 or 3 for bf16")
+        refusals.append("ZeRO stage 1 with bf16 and fp32 gradient accumulation (DeepSpeed's BF16_Optimizer); "
+                        "use ZeRO stage 2 or 3, or \"data_types\": {\"grad_accum_dtype\": \"bf16\"}")
     if not engine.managed_gradient_accumulation():
         refusals.append("managed_gradient_accumulation=false (Bi-Drop drives the accumulation itself)")
     if refusals:
@@ -165,16 +168,21 @@ class Zero12Partition:
 
 
 class Zero0Replica:
-    """ZeRO-0 in fp32: no partitioning; every pass end is a boundary, where DeepSpeed all-reduces
-    `p.grad` in place. Every rank then holds the whole reduced gradient, as under DDP, so the
-    statistics cover the whole model on every rank (8 bytes per trainable element) and each rank
-    selects locally; the masks agree because the reduced gradients are identical."""
+    """ZeRO-0: no partitioning; every pass end is a boundary, where DeepSpeed all-reduces `p.grad`
+    in place. Every rank then holds the whole reduced gradient, as under DDP, so the statistics
+    cover the whole model on every rank (8 bytes per trainable element) and each rank selects
+    locally; the masks agree because the reduced gradients are identical. With bf16, DeepSpeed's
+    FP16_UnfusedOptimizer keeps fp32 masters in `fp32_groups`, aligned with `fp16_groups`."""
 
     boundary_every_pass = True
     selects_locally = True
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         self.params = [param for param in engine.module.parameters() if param.requires_grad]
+        opt = engine.optimizer
+        masters = {id(low): high for lows, highs in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+                   for low, high in zip(lows, highs)}
+        self._masters = [masters.get(id(param), param) for param in self.params]
         self.fragments, offset = [], 0
         for param in self.params:
             name = names[id(param)]
@@ -193,7 +201,7 @@ class Zero0Replica:
         return [param.grad for param in self.params]
 
     def master(self) -> torch.Tensor:
-        return torch.cat([param.detach().reshape(-1) for param in self.params]).float()
+        return torch.cat([master.detach().reshape(-1) for master in self._masters]).float()
 
 
 class DeepSpeedBackend:
