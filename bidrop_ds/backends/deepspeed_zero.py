@@ -292,7 +292,8 @@ class DeepSpeedBackend:
         backs the loss scale off); otherwise the engine does not step and the gradients are zeroed."""
         segments = self.partition.segments()
         if self.engine.fp16_enabled():
-            torch._foreach_fill_(segments, float("inf"))
+            for segment in segments:  # a rare path: a plain loop is fine
+                segment.fill_(float("inf"))
             self.optimizer_step()
         else:
             torch._foreach_zero_(segments)
