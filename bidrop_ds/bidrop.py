@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
+from bidrop_ds.backends.fsdp2 import Fsdp2Backend, is_fsdp2_model
 from bidrop_ds.backends.torch_ddp import TorchBackend
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import PassStatistics, global_threshold, kept_count, scores_into_m2
@@ -76,7 +77,9 @@ class BiDrop:
 
             return DeepSpeedBackend(model, self.config)
         if optimizer is None:
-            raise ValueError("BiDrop(model, optimizer, config): a plain or DDP model needs its optimizer")
+            raise ValueError("BiDrop(model, optimizer, config): a plain, DDP or FSDP2 model needs its optimizer")
+        if is_fsdp2_model(model):
+            return Fsdp2Backend(model, optimizer, self.config)
         return TorchBackend(model, optimizer, self.config)
 
     # ----- the hooks -------------------------------------------------------------------------

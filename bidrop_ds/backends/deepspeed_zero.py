@@ -15,7 +15,6 @@ check, clipping and optimizer on the masked mean written into the partition.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -23,21 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from bidrop_ds.comm import ProcessGroupCommunicator
-from bidrop_ds.core import LocalCommunicator
+from bidrop_ds.backends.partition import Fragment, ShardedBackend
 from bidrop_ds.config import BiDropConfig
 
 VERIFIED_DEEPSPEED = ("0.19.5", "0.20")  # [low, high)
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """The piece of one parameter held in this rank's flat gradient partition."""
-
-    name: str
-    start: int      # first element held, in the flattened parameter
-    offset: int     # where it sits in the flat partition
-    numel: int      # valid elements (partition padding excluded)
-    eligible: bool
 
 
 def is_deepspeed_engine(obj: object) -> bool:
@@ -204,7 +192,7 @@ class Zero0Replica:
         return torch.cat([master.detach().reshape(-1) for master in self._masters]).float()
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(ShardedBackend):
     """Bi-Drop statistics on this rank's ZeRO gradient partition, stepped by the engine."""
 
     def __init__(self, engine, config: BiDropConfig) -> None:
@@ -217,23 +205,11 @@ class DeepSpeedBackend:
         if self.stage not in adapters:
             raise NotImplementedError(f"BiDrop: DeepSpeed ZeRO stage {self.stage} is not supported yet "
                                       f"(supported: {sorted(adapters)})")
-        self.partition = adapters[self.stage](engine, names, config)
-        self.numel = self.partition.numel
-        self.device = torch.device(engine.device)
+        partition = adapters[self.stage](engine, names, config)
         self.rank = dist.get_rank()
-        self.agreement_comm = ProcessGroupCommunicator(getattr(engine.optimizer, "dp_process_group", None)
-                                                       or engine.data_parallel_group)
-        local = getattr(self.partition, "selects_locally", False)
-        self.selection_comm = LocalCommunicator() if local else self.agreement_comm
-        eligible = torch.tensor([sum(f.numel for f in self.partition.fragments if f.eligible)],
-                                dtype=torch.int64, device=self.device)
-        self.selection_comm.all_reduce_sum(eligible)
-        self.total_numel = int(eligible.item())
-        if self.total_numel == 0:
-            raise ValueError(f"BiDrop: include={list(config.include)} / exclude={list(config.exclude)} select "
-                             f"no trainable parameter (names look like {self.partition.fragments[0].name!r})")
-        self._ineligible = _merge_ranges(self.numel, [(f.offset, f.offset + f.numel)
-                                                      for f in self.partition.fragments if f.eligible])
+        group = getattr(engine.optimizer, "dp_process_group", None) or engine.data_parallel_group
+        super().__init__(partition, config, torch.device(engine.device), ProcessGroupCommunicator(group),
+                         selects_locally=getattr(partition, "selects_locally", False))
 
     def check_chunks(self, chunks: int) -> None:
         gas = self.engine.gradient_accumulation_steps()
@@ -262,27 +238,6 @@ class DeepSpeedBackend:
         """engine.backward divides by gradient_accumulation_steps, which check_chunks made = chunks."""
         self.engine.backward(loss)
 
-    def pass_gradient(self) -> list[torch.Tensor]:
-        return self.partition.segments()
-
-    def end_pass(self) -> None:
-        torch._foreach_zero_(self.partition.segments())
-
-    def abs_params(self) -> torch.Tensor:
-        return self.partition.master().abs_()
-
-    def exclude_ineligible(self, scores: torch.Tensor) -> None:
-        """Mark elements outside the eligible parameters (and padding) as no candidates."""
-        for start, end in self._ineligible:
-            scores[start:end] = -1.0
-
-    def others_finite(self) -> bool:
-        return True  # every trainable element is in the statistics
-
-    def write_gradients(self, update: torch.Tensor, passes: int) -> None:
-        segments = self.partition.segments()
-        torch._foreach_copy_([t.view(-1) for t in segments], list(update.split([t.numel() for t in segments])))
-
     def grad_scale(self) -> float:
         """The fp16 loss scale the partition's gradients carry (DeepSpeed unscales in its step)."""
         return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
@@ -305,15 +260,3 @@ class DeepSpeedBackend:
     def zero_grad(self) -> None:
         self.engine.optimizer.zero_grad()
         self.engine.set_gradient_accumulation_boundary(False)
-
-
-def _merge_ranges(total: int, keep: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The complement of the `keep` ranges in [0, total), as few ranges as possible."""
-    out, cursor = [], 0
-    for start, end in sorted(keep):
-        if start > cursor:
-            out.append((cursor, start))
-        cursor = max(cursor, end)
-    if cursor < total:
-        out.append((cursor, total))
-    return out
