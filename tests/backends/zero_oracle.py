@@ -1,0 +1,168 @@
+"""Oracle checks shared by the DeepSpeed ZeRO tests (two gloo ranks on CPU in test_deepspeed_zero.py,
+one CUDA rank in test_deepspeed_zero_gpu.py): the tiny BERT's engine, and one Bi-Drop step whose
+fp32 master update is compared with the float64 oracle (tests/oracle.py) computed from the very
+per-pass partitions the plugin read."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bidrop_ds import BiDrop, BiDropConfig
+from bidrop_ds.core import LocalCommunicator
+from tests.models import tiny_bert
+from tests.oracle import oracle_step
+
+LR = 0.5
+MICRO = 4
+
+
+def ds_config(stage: int, precision: str, chunks: int, world: int, accumulate_fp32: bool = True) -> dict:
+    """Plain SGD steps (no clipping) in `precision` (fp32, bf16 or fp16); a 16-bit precision
+    accumulates gradients in fp32 unless `accumulate_fp32` is False (then in its own dtype)."""
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": chunks,
+        "train_batch_size": MICRO * chunks * world,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "fp16":
+        # The dynamic scale of ds_configs/ (from 2^16), but hysteresis 1: with DeepSpeed's default 2
+        # a first overflow only spends a hysteresis credit; with 1 every overflow halves the scale.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1,
+                          "loss_scale_window": 1000, "min_loss_scale": 1}
+    if precision != "fp32":
+        config["data_types"] = {"grad_accum_dtype": "fp32" if accumulate_fp32 else precision}
+    return config
+
+
+def make_engine(stage: int, precision: str, chunks: int, seed: int = 0, accumulate_fp32: bool = True):
+    """A DeepSpeed engine (on DeepSpeed's accelerator) over the tiny BERT with SGD at LR."""
+    import deepspeed
+
+    model = tiny_bert(seed=seed)
+    config = ds_config(stage, precision, chunks, dist.get_world_size(), accumulate_fp32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                      config=config)
+    return engine
+
+
+def _gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    pieces = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, tensor.cpu())
+    return torch.cat(pieces)
+
+
+def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
+                              config: BiDropConfig) -> tuple[dict, list[torch.Tensor]]:
+    """Run one step, recording each pass's partition as the plugin reads it, and compare the fp32
+    master update with LR x the oracle's update over all ranks' eligible elements (ineligible ones:
+    LR x the plain mean).
+
+    fp16: the partition holds gradients times the loss scale S in force during the passes, and
+    DeepSpeed divides by S before its step, so the recorded passes are divided by S (a power of
+    two: exact) before the oracle sees them. A step that Bi-Drop or DeepSpeed skipped (non-finite
+    pass, fp16 overflow) is reported in the row and not compared.
+    Returns the row and the recorded passes (float64, on the CPU, unscaled).
+    """
+    backend, engine = bidrop.backend, bidrop.backend.engine
+    scale = backend.grad_scale()
+    ds_skipped = engine.skipped_steps
+    passes, read_dtypes = [], set()
+    update = bidrop.stats.update
+
+    def recording_update(grad):
+        pieces = [grad] if isinstance(grad, torch.Tensor) else grad
+        read_dtypes.update(g.dtype for g in pieces)
+        passes.append(torch.cat([g.reshape(-1).double().cpu() for g in pieces]) / scale)
+        update(grad)
+
+    bidrop.stats.update = recording_update
+    before = backend.partition.master().cpu()
+    result = bidrop.step(chunks)
+    del bidrop.stats.update
+    after = backend.partition.master().cpu()
+    row = {"bidrop_skipped": result.skipped, "ds_skipped": engine.skipped_steps - ds_skipped, "loss_scale": scale}
+    row["skipped"] = result.skipped or row["ds_skipped"] > 0
+    if row["skipped"]:
+        return row, passes
+    eligible = torch.zeros(backend.numel, dtype=torch.bool)
+    for frag in backend.partition.fragments:
+        eligible[frag.offset:frag.offset + frag.numel] = frag.eligible
+    # The oracle sees every rank's eligible elements at once (a test-only gather), unless every
+    # rank holds them all (ZeRO-0 replicates).
+    replicated = isinstance(backend.selection_comm, LocalCommunicator)
+    gather = (lambda t: t) if replicated else _gather_cat
+    oracle = oracle_step([gather(g[eligible]) for g in passes], gather(before[eligible]).abs(), config.p,
+                         rescale=config.rescale)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(eligible.sum()))
+    start = 0 if replicated else sum(counts[:dist.get_rank()])
+    mine = slice(start, start + int(eligible.sum()))
+    expected = sum(passes) / len(passes)                    # ineligible: the mean
+    expected[eligible] = oracle.update[mine]                # eligible: the masked mean
+    moved = before.double() - LR * expected
+    # With 16-bit accumulation the written gradient is rounded once to that dtype (its unit roundoff).
+    rounding = max((torch.finfo(d).eps / 2 for d in read_dtypes if d.itemsize < 4), default=0.0)
+    rel = ((after.double() - moved).abs() - LR * rounding * expected.abs()).clamp_min(0)
+    masked = torch.zeros(backend.numel, dtype=torch.bool)
+    masked[eligible] = ~oracle.mask[mine]
+    row.update({"kept_fraction": result.kept_fraction, "oracle_kept": int(oracle.mask.sum()),
+                "oracle_n": oracle.n, "N": oracle.mask.numel(),
+                "max_rel_err": (rel / (moved.abs() + 1e-3)).max().item(),
+                "masked_unchanged": bool(torch.equal(after[masked], before[masked])),
+                "masked_count": int(masked.sum()), "plugin_bytes": plugin_owned_bytes(bidrop),
+                "owned_elements": backend.numel})
+    return row, passes
+
+
+def assert_matches_oracle(row: dict, bound: float) -> None:
+    """The checks of a compared step: master update within `bound` of the oracle's, masked
+    elements bit-identical, n of N kept (ties aside), 8 plugin bytes per owned element."""
+    label = f"{row}"
+    assert not row["skipped"], label
+    assert row["max_rel_err"] <= bound, label
+    assert row["masked_unchanged"] and row["masked_count"] > 0, label
+    assert row["kept_fraction"] == row["oracle_kept"] / row["N"], label
+    assert row["oracle_kept"] - row["oracle_n"] <= 2, label  # ties aside, n of N
+    # The plugin's own memory: the two fp32 statistics buffers, 8 bytes per owned element.
+    assert row["plugin_bytes"] <= 8 * row["owned_elements"] + 1024, label
+
+
+def plugin_owned_bytes(bidrop: BiDrop) -> int:
+    """Bytes of tensor storage held by the plugin's own objects and by nothing of the engine's
+    (DeepSpeed buffers the plugin only points at do not count)."""
+    engine = bidrop.backend.engine
+    foreign = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    foreign |= {p.grad.untyped_storage().data_ptr() for p in engine.module.parameters() if p.grad is not None}
+    foreign |= {t.untyped_storage().data_ptr() for t in _tensors(vars(engine.optimizer), set())}
+    seen, owned = set(), 0
+    for tensor in _tensors(bidrop, set()):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in foreign and ptr not in seen:
+            seen.add(ptr)
+            owned += tensor.untyped_storage().nbytes()
+    return owned
+
+
+def _tensors(obj, visited: set) -> list[torch.Tensor]:
+    """Tensors reachable from obj through containers and bidrop_ds objects (not into others)."""
+    if id(obj) in visited:
+        return []
+    visited.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        items = obj
+    elif type(obj).__module__.startswith("bidrop_ds"):
+        items = vars(obj).values() if hasattr(obj, "__dict__") else []
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, visited)]
