@@ -1,7 +1,7 @@
-"""Oracle checks shared by the DeepSpeed ZeRO tests (two gloo ranks on CPU in test_deepspeed_zero.py,
-one CUDA rank in test_deepspeed_zero_gpu.py): the tiny BERT's engine, and one Bi-Drop step whose
-fp32 master update is compared with the float64 oracle (tests/oracle.py) computed from the very
-per-pass partitions the plugin read."""
+"""Oracle checks shared by the sharded-backend tests (DeepSpeed ZeRO on two gloo ranks in
+test_deepspeed_zero.py and one CUDA rank in test_deepspeed_zero_gpu.py; FSDP2 in test_fsdp2.py):
+the tiny BERT's engine, and one Bi-Drop step whose fp32 master update is compared with the float64
+oracle (tests/oracle.py) computed from the very per-pass shards the plugin read."""
 
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
     pass, fp16 overflow) is reported in the row and not compared.
     Returns the row and the recorded passes (float64, on the CPU, unscaled).
     """
-    backend, engine = bidrop.backend, bidrop.backend.engine
+    backend = bidrop.backend
+    engine = getattr(backend, "engine", None)  # None: FSDP2, stepped by the user's optimizer
     scale = backend.grad_scale()
-    ds_skipped = engine.skipped_steps
+    ds_skipped = engine.skipped_steps if engine is not None else 0
     passes, read_dtypes = [], set()
     update = bidrop.stats.update
 
@@ -87,7 +88,8 @@ def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
     result = bidrop.step(chunks)
     del bidrop.stats.update
     after = backend.partition.master().cpu()
-    row = {"bidrop_skipped": result.skipped, "ds_skipped": engine.skipped_steps - ds_skipped, "loss_scale": scale}
+    ds_skipped = engine.skipped_steps - ds_skipped if engine is not None else 0
+    row = {"bidrop_skipped": result.skipped, "ds_skipped": ds_skipped, "loss_scale": scale}
     row["skipped"] = result.skipped or row["ds_skipped"] > 0
     if row["skipped"]:
         return row, passes
@@ -135,19 +137,26 @@ def assert_matches_oracle(row: dict, bound: float) -> None:
 
 
 def plugin_owned_bytes(bidrop: BiDrop) -> int:
-    """Bytes of tensor storage held by the plugin's own objects and by nothing of the engine's
-    (DeepSpeed buffers the plugin only points at do not count)."""
-    engine = bidrop.backend.engine
-    foreign = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
-    foreign |= {p.grad.untyped_storage().data_ptr() for p in engine.module.parameters() if p.grad is not None}
-    foreign |= {t.untyped_storage().data_ptr() for t in _tensors(vars(engine.optimizer), set())}
+    """Bytes of tensor storage held by the plugin's own objects and by nothing of the engine's or
+    the model's (DeepSpeed buffers, FSDP2 shards and grads the plugin only points at do not count)."""
+    backend = bidrop.backend
+    engine = getattr(backend, "engine", None)
+    module, optimizer = (engine.module, engine.optimizer) if engine is not None else (backend.model, backend.optimizer)
+    owners = [p for p in module.parameters()] + [p.grad for p in module.parameters() if p.grad is not None]
+    owners += _tensors(vars(optimizer), set())
+    foreign = {_storage(t).data_ptr() for t in owners}
     seen, owned = set(), 0
     for tensor in _tensors(bidrop, set()):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in foreign and ptr not in seen:
-            seen.add(ptr)
-            owned += tensor.untyped_storage().nbytes()
+        storage = _storage(tensor)
+        if storage.data_ptr() not in foreign and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            owned += storage.nbytes()
     return owned
+
+
+def _storage(tensor: torch.Tensor):
+    """The storage behind a tensor (a DTensor's: its local shard's)."""
+    return getattr(tensor, "to_local", lambda: tensor)().untyped_storage()
 
 
 def _tensors(obj, visited: set) -> list[torch.Tensor]:
