@@ -3,7 +3,6 @@ masks and updates equal the oracle replay on every rank, and the ranks stay iden
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch.nn.parallel import DistributedDataParallel

@@ -19,7 +19,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.backends.partition import Fragment, ShardedBackend

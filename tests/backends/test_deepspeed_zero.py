@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from bidrop_ds import BiDrop, BiDropConfig
-from bidrop_ds.bidrop import derive_seed
 from tests.backends.zero_oracle import (LR, MICRO, assert_matches_oracle, check_step_against_oracle, ds_config,
+                                        reference_pass_error,
                                         make_engine)
 from tests.distributed import run_distributed
 from tests.models import random_batch, split_chunks, tiny_bert
@@ -23,24 +22,6 @@ from tests.models import random_batch, split_chunks, tiny_bert
 PRECISIONS = {0: [("fp32", True), ("bf16", False)], 1: [("fp32", True), ("bf16", False), ("fp16", True)],
               2: [("fp32", True), ("bf16", True), ("fp16", True)], 3: [("fp32", True), ("bf16", True), ("fp16", True)]}
 COMPARED_STEPS = 2  # per scenario; fp16 may first skip overflowing steps while its loss scale settles
-
-
-def _reference_pass_error(passes: list[torch.Tensor], fragments, chunks: list[dict], config: BiDropConfig) -> float:
-    """Max abs difference between the partitions read per pass at step 0 and the same slices of a
-    DDP reference's rank-averaged gradients (same initial weights, same dropout seeds)."""
-    reference = torch.nn.parallel.DistributedDataParallel(tiny_bert(seed=0))
-    named = dict(reference.module.named_parameters())
-    worst = 0.0
-    for j, read in enumerate(passes):
-        reference.zero_grad(set_to_none=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(config.seed, 0, j, dist.get_rank()))
-            for chunk in chunks:
-                (reference(**chunk).loss / len(chunks)).backward()
-        for frag in fragments:
-            ref = named[frag.name].grad.reshape(-1)[frag.start:frag.start + frag.numel].double()
-            worst = max(worst, (read[frag.offset:frag.offset + frag.numel] - ref).abs().max().item(), 0.0)
-    return worst
 
 
 def _scenarios(rank: int, world_size: int, stages: list[int]) -> list[dict]:
@@ -59,7 +40,7 @@ def _scenarios(rank: int, world_size: int, stages: list[int]) -> list[dict]:
                     row, passes = check_step_against_oracle(bidrop, batch, config)
                     compared += not row["skipped"]
                     if step == 0 and precision == "fp32" and not row["skipped"]:  # the reference: fp32, step 0
-                        row["reference_err"] = _reference_pass_error(passes, bidrop.backend.partition.fragments,
+                        row["reference_err"] = reference_pass_error(passes, bidrop.backend.partition.fragments,
                                                                      batch, config)
                     out.append({"stage": stage, "precision": precision, "chunks": chunks, "step": step, **row})
                 engine.destroy()

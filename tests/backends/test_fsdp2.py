@@ -5,11 +5,9 @@ shards equal a DDP reference, bf16 mixed precision runs, HSDP-like meshes are re
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from bidrop_ds import BiDrop, BiDropConfig
-from bidrop_ds.bidrop import derive_seed
-from tests.backends.zero_oracle import LR, MICRO, assert_matches_oracle, check_step_against_oracle
+from tests.backends.zero_oracle import LR, MICRO, assert_matches_oracle, check_step_against_oracle, reference_pass_error
 from tests.distributed import run_distributed
 from tests.models import random_batch, split_chunks, tiny_bert
 
@@ -26,23 +24,6 @@ def sharded_bert(bf16: bool = False) -> torch.nn.Module:
     return model
 
 
-def _reference_error(passes: list[torch.Tensor], fragments, chunks: list[dict], config: BiDropConfig) -> float:
-    """Max difference between the shards read per pass at step 0 and a DDP reference's gradients."""
-    reference = torch.nn.parallel.DistributedDataParallel(tiny_bert(seed=0))
-    named = dict(reference.module.named_parameters())
-    worst = 0.0
-    for j, read in enumerate(passes):
-        reference.zero_grad(set_to_none=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(config.seed, 0, j, dist.get_rank()))
-            for chunk in chunks:
-                (reference(**chunk).loss / len(chunks)).backward()
-        for frag in fragments:
-            ref = named[frag.name].grad.reshape(-1)[frag.start:frag.start + frag.numel].double()
-            worst = max(worst, (read[frag.offset:frag.offset + frag.numel] - ref).abs().max().item(), 0.0)
-    return worst
-
-
 def _scenarios(rank: int, world_size: int) -> list[dict]:
     rows = []
     for bf16 in (False, True):
@@ -54,7 +35,7 @@ def _scenarios(rank: int, world_size: int) -> list[dict]:
                 batch = split_chunks(random_batch(1000 * rank + step, size=MICRO * chunks), chunks)
                 row, passes = check_step_against_oracle(bidrop, batch, config)
                 if step == 0 and not bf16:
-                    row["reference_err"] = _reference_error(passes, bidrop.backend.partition.fragments, batch, config)
+                    row["reference_err"] = reference_pass_error(passes, bidrop.backend.partition.fragments, batch, config)
                 rows.append({"bf16": bf16, "chunks": chunks, "step": step, **row})
     try:  # a 2-D mesh (HSDP-like) is refused with a clear error
         from torch.distributed.device_mesh import init_device_mesh

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from bidrop_ds import BiDrop, BiDropConfig
+from bidrop_ds.bidrop import derive_seed
 from bidrop_ds.core import LocalCommunicator
 from tests.models import tiny_bert
 from tests.oracle import oracle_step
@@ -175,3 +176,21 @@ def _tensors(obj, visited: set) -> list[torch.Tensor]:
     else:
         return []
     return [t for item in items for t in _tensors(item, visited)]
+
+
+def reference_pass_error(passes: list[torch.Tensor], fragments, chunks: list[dict], config: BiDropConfig) -> float:
+    """Max abs difference between the shards read per pass at step 0 and the same slices of a
+    DDP reference's rank-averaged gradients (same initial weights, same dropout seeds)."""
+    reference = torch.nn.parallel.DistributedDataParallel(tiny_bert(seed=0))
+    named = dict(reference.module.named_parameters())
+    worst = 0.0
+    for j, read in enumerate(passes):
+        reference.zero_grad(set_to_none=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(config.seed, 0, j, dist.get_rank()))
+            for chunk in chunks:
+                (reference(**chunk).loss / len(chunks)).backward()
+        for frag in fragments:
+            ref = named[frag.name].grad.reshape(-1)[frag.start:frag.start + frag.numel].double()
+            worst = max(worst, (read[frag.offset:frag.offset + frag.numel] - ref).abs().max().item(), 0.0)
+    return worst
