@@ -123,7 +123,7 @@ class BiDrop:
                 generator = torch.Generator(device=self.backend.device).manual_seed(seed)
             scores = scores_into_m2(self.stats, self.backend.abs_params(), self.config.score,
                                     self.config.eps, generator, grad_scale)
-            self.backend.exclude_ineligible(scores)
+            self.backend.mark_ineligible(scores, -1.0)  # negative: not a candidate
             found = global_threshold(scores, self.n, self.backend.selection_comm, not finite)
             finite = finite and found is not None
         if not (self.masking and self.backend.selection_comm is self.backend.agreement_comm):
@@ -134,10 +134,10 @@ class BiDrop:
         kept = self.backend.total_numel
         if self.masking:  # k = 1 or p = 1 is vanilla: no mask, no rescale
             threshold, kept = found.value, found.kept
-            candidate = ~torch.signbit(scores)  # the sign bit marks ineligible elements: always kept
-            update.masked_fill_((scores < threshold) & candidate, 0.0)
-            if self.config.rescale:  # the kept eligible elements only
+            if self.config.rescale:  # the kept eligible elements only (ineligible ones score -1)
                 torch.where(scores >= threshold, update / self.config.p, update, out=update)
+            self.backend.mark_ineligible(scores, float("inf"))  # ineligible: always kept
+            update.masked_fill_(scores < threshold, 0.0)
         self.backend.write_gradients(update, self.config.k)
         return StepResult(kept_fraction=kept / self.backend.total_numel, skipped=False,
                           threshold=threshold, step=step)

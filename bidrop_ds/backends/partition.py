@@ -81,9 +81,10 @@ class ShardedBackend:
     def abs_params(self) -> torch.Tensor:
         return self.partition.master().abs_()
 
-    def exclude_ineligible(self, scores: torch.Tensor) -> None:
+    def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
+        """Give the elements of ineligible parameters (and padding) the score `value`."""
         for start, end in self._ineligible:
-            scores[start:end] = -1.0
+            scores[start:end] = value
 
     def others_finite(self) -> bool:
         return True  # every trainable element is in the statistics

@@ -62,8 +62,8 @@ class TorchBackend:
     def check_chunks(self, chunks: int) -> None:
         """Any number of chunks works: each pass averages them."""
 
-    def exclude_ineligible(self, scores: torch.Tensor) -> None:
-        """Nothing to exclude: the statistics cover the eligible parameters only."""
+    def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
+        """Nothing to mark: the statistics cover the eligible parameters only."""
 
     def begin_step(self) -> None:
         """Zero every gradient and (re)attach the flat-buffer views (an outside zero_grad may drop them)."""

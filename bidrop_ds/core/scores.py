@@ -31,10 +31,11 @@ def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor, kind: str, ep
     if kind == "random":
         return out.uniform_(0.0, 1.0, generator=generator)
     if kind in ("product", "perturbation"):
+        abs_mean = mean.abs()
         out.div_(k).sqrt_().add_(eps * grad_scale)        # s + eps (in unscaled units)
-        torch.div(mean.abs(), out, out=out)               # F_per
-        if kind == "product":
-            out.mul_(mean.abs().div_(abs_param.float().add(eps)))   # F_per * F_sca (no overflow in between)
+        torch.div(abs_mean, out, out=out)                 # F_per
+        if kind == "product":                             # F_per * F_sca (no overflow in between)
+            out.mul_(abs_mean.div_(abs_param.float().add(eps)))
         return out
     if kind == "scaling":
         return torch.div(mean.abs(), abs_param.float().add(eps), out=out)

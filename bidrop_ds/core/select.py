@@ -1,26 +1,27 @@
 """The exact global Bi-Drop threshold: the n-th largest of N scores spread over ranks, ties kept.
 
-Scores are non-negative float32 (or +inf), so their IEEE-754 bit patterns read as int32 sort
-exactly like the values. A radix select walks those 32 bits from the top, one 8-bit digit per
-round: each rank histograms the digit of its candidates (scores whose higher digits equal the
-prefix found so far), one all-reduce of the 256-bin histogram picks the digit holding the n-th
-largest, and after four rounds the prefix is the threshold's bit pattern, exactly. Nothing but
-four histograms of 2 KiB crosses ranks; no score is gathered.
+Scores are non-negative float32 (or +inf), so their IEEE-754 bit patterns read as integers sort
+exactly like the values. A radix select walks those 32 bits from the top, one byte per round:
+each rank histograms that byte of its candidates (scores whose higher bytes equal the prefix found
+so far), one all-reduce of the 256-bin histogram picks the byte value holding the n-th largest,
+and after four rounds the prefix is the threshold's bit pattern, exactly. Nothing but four
+histograms of 2 KiB crosses ranks; no score is gathered. The bytes are read through a uint8 view
+of the scores (no shifted copies); a round's temporaries are at most 2 bytes per element.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 import torch
 
-DIGIT_BITS = 8
-NUM_BINS = 1 << DIGIT_BITS
-# Elements histogrammed per slice: bounds the temporaries of a round, whatever the partition size.
-SLICE = 1 << 22
+NUM_BINS = 256
+# Columns of a float32's 4 bytes from the most significant down, in memory order.
+BYTES_HIGH_TO_LOW = (3, 2, 1, 0) if sys.byteorder == "little" else (0, 1, 2, 3)
 
 
 class Communicator(Protocol):
@@ -51,25 +52,11 @@ class Threshold:
     kept: int
 
 
-def _score_bits(scores: torch.Tensor) -> torch.Tensor:
+def _score_bytes(scores: torch.Tensor) -> torch.Tensor:
+    """The scores' bytes as an (N, 4) uint8 view."""
     if scores.dtype != torch.float32:
         raise TypeError(f"select: scores must be float32, got {scores.dtype}")
-    return scores.view(torch.int32)
-
-
-def _int32(value: int) -> int:
-    """The signed int32 with the same 32 bits as `value` (masks above bit 30 overflow otherwise)."""
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _digit_histogram(bits: torch.Tensor, prefix: int, prefix_mask: int, shift: int) -> torch.Tensor:
-    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=bits.device)
-    for start in range(0, bits.numel(), SLICE):
-        part = bits[start:start + SLICE]
-        if prefix_mask:
-            part = part[(part & _int32(prefix_mask)) == prefix]
-        hist += torch.bincount((part >> shift) & (NUM_BINS - 1), minlength=NUM_BINS)
-    return hist
+    return scores.contiguous().view(torch.uint8).view(-1, 4)
 
 
 def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
@@ -83,15 +70,17 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
     poisoned: the flag rides in the first all-reduce, and if any rank raised it every rank returns
     None (skip the step) without looking at its scores further. n must be in 1..N.
     """
-    bits = _score_bits(scores)
-    prefix = prefix_mask = 0
+    columns = _score_bytes(scores)
+    alive = None  # where the higher bytes equal the prefix (None: everywhere, in the first round)
+    prefix = 0
     above = 0  # elements known to be strictly above the current prefix's range (global)
     remaining = n  # rank of the threshold among the candidates, 1 = largest
-    for round_index, shift in enumerate(range(32 - DIGIT_BITS, -1, -DIGIT_BITS)):
+    for round_index, column in enumerate(BYTES_HIGH_TO_LOW):
+        digits = columns[:, column]
         if round_index == 0 and locally_nonfinite:
-            hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=bits.device)
+            hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=scores.device)
         else:
-            hist = _digit_histogram(bits, prefix, prefix_mask, shift)
+            hist = torch.bincount(digits if alive is None else digits[alive], minlength=NUM_BINS)
         if round_index == 0:
             flagged = torch.cat([hist, torch.tensor([int(locally_nonfinite)], device=hist.device)])
             comm.all_reduce_sum(flagged)
@@ -110,8 +99,10 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
                 break
             remaining -= counts[digit]
             above += counts[digit]
-        prefix |= digit << shift
-        prefix_mask |= (NUM_BINS - 1) << shift
+        prefix = (prefix << 8) | digit
+        if round_index < len(BYTES_HIGH_TO_LOW) - 1:
+            same = digits == digit
+            alive = same if alive is None else alive.logical_and_(same)
     # The prefix is now the full bit pattern of tau; counts[digit] are the elements equal to it.
-    value = torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
-    return Threshold(value=value, kept=above + counts[digit])
+    value = torch.tensor([prefix - (1 << 32) if prefix >= 1 << 31 else prefix], dtype=torch.int32)
+    return Threshold(value=value.view(torch.float32).item(), kept=above + counts[digit])

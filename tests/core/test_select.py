@@ -9,7 +9,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-import bidrop_ds.core.select as select
 from bidrop_ds.comm import ProcessGroupCommunicator, default_communicator
 from bidrop_ds.core import PassStatistics, scores_into_m2
 from bidrop_ds.core.select import LocalCommunicator, Threshold, global_threshold, kept_count
@@ -109,13 +108,9 @@ def _random_case(seed: int) -> tuple[torch.Tensor, int]:
     return scores, n
 
 
-@pytest.mark.parametrize("slice_", [None, 7])
-def test_threshold_matches_sort_property(monkeypatch, slice_):
+def test_threshold_matches_sort_property():
     """Over 240 seeded cases (all score kinds x sizes x n, some with negative padding), tau and kept
-    equal the float64 sort's over the non-negative scores; the result is the same when the
-    histogram runs in slices of 7 elements (chunking)."""
-    if slice_ is not None:
-        monkeypatch.setattr(select, "SLICE", slice_)
+    equal the float64 sort's over the non-negative scores."""
     for seed in range(240):
         scores, n = _random_case(seed)
         got = global_threshold(scores, n, LocalCommunicator())
@@ -125,16 +120,13 @@ def test_threshold_matches_sort_property(monkeypatch, slice_):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_threshold_large(kind, monkeypatch):
-    """N = 100003 (prime) for each kind, n in {1, 30001, N}: exact, and unchanged with SLICE = 1009."""
+def test_threshold_large(kind):
+    """N = 100003 (prime) for each kind, n in {1, 30001, N}: exact."""
     gen = torch.Generator().manual_seed(KINDS.index(kind))
     scores = _scores(kind, 100003, gen)
     for n in (1, kept_count(0.3, 100003), 100003):
         got = global_threshold(scores, n, LocalCommunicator())
         assert (got.value, got.kept) == _reference(scores, n), n
-        with monkeypatch.context() as patch:
-            patch.setattr(select, "SLICE", 1009)
-            assert global_threshold(scores, n, LocalCommunicator()) == got
 
 
 @pytest.mark.parametrize("scores,n,tau,kept", [

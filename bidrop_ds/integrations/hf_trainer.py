@@ -1,0 +1,264 @@
+"""Bi-Drop inside the Hugging Face `Trainer`: `BiDropTrainerMixin` (for any Trainer subclass) and
+`BiDropTrainer`.
+
+One Bi-Drop step per optimizer step. The micro-batches of one gradient-accumulation window (the
+Trainer's `gradient_accumulation_steps`) are the chunks of that step: `training_step` buffers the
+first G-1 of them (no forward, no backward; it returns a zero loss for the running loss sum) and, at
+the window's last micro-batch (the Trainer's own decision, `accelerator.sync_gradients`), runs the k
+dropout passes over all G chunks.
+
+- plain model / DDP / FSDP2: through the `BiDrop` hooks, so the masked mean is left in the `.grad`
+  tensors and the Trainer's own clipping, `optimizer.step()` and LR scheduler apply to it once per
+  window, exactly as they would to a vanilla gradient. Under DDP the chunks before the last of each
+  pass run under `no_sync()` (each pass is all-reduced once); the Trainer's own `no_sync` only wraps
+  the buffered micro-batches, which do no backward.
+- DeepSpeed (`TrainingArguments(deepspeed=...)`, ZeRO 0-3): `BiDrop.step(chunks)` on the engine;
+  `engine.step()` happens inside it, and the Trainer's later `optimizer.step()` and
+  `lr_scheduler.step()` are accelerate's no-op DeepSpeed wrappers, so the engine steps once.
+
+Each chunk's loss is what the vanilla Trainer would backpropagate for that micro-batch
+(`compute_loss` with the window's `num_items_in_batch`, then its gradient-accumulation scaling), so
+`k=1` is the vanilla Trainer. The kept fraction and the skipped-step count go into the training
+logs; the plugin's state (`BiDrop.state_dict()`) is saved as `bidrop_state.json` in every checkpoint
+and restored by `train(resume_from_checkpoint=...)`, so seeded runs continue the same pass sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
+from bidrop_ds.bidrop import BiDrop, StepResult
+from bidrop_ds.config import BiDropConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "bidrop_state.json"
+DROPOUT_CONFIG_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout", "attention_dropout",
+                       "dropout", "dropout_rate", "resid_pdrop", "attn_pdrop", "embd_pdrop", "classifier_dropout")
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Whether the k passes can differ: a dropout module with p > 0, or a dropout rate > 0 in the config
+    (attention dropout is often applied functionally)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0
+               for key in DROPOUT_CONFIG_KEYS)
+
+
+class BiDropTrainerMixin:
+    """Turns a `transformers.Trainer` (sub)class into a Bi-Drop trainer: `class T(BiDropTrainerMixin, MyTrainer)`.
+
+    `bidrop_config` (keyword): a `BiDropConfig` (None: the defaults). After training starts,
+    `self.bidrop` is the `BiDrop` object and `self.bidrop_last_result` the last step's `StepResult`.
+    """
+
+    def __init__(self, *args: Any, bidrop_config: BiDropConfig | None = None, **kwargs: Any) -> None:
+        if bidrop_config is None:
+            bidrop_config = BiDropConfig()
+        if not isinstance(bidrop_config, BiDropConfig):
+            hint = " (build one with BiDropConfig.from_dict(...))" if isinstance(bidrop_config, dict) else ""
+            raise TypeError(f"{type(self).__name__}: bidrop_config must be a BiDropConfig, "
+                            f"got {type(bidrop_config).__name__}{hint}")
+        self.bidrop_config = bidrop_config
+        self.bidrop: BiDrop | None = None
+        self.bidrop_last_result: StepResult | None = None
+        self._bidrop_chunks: list[dict[str, Any]] = []
+        self._bidrop_kept: list[float] = []
+        self._bidrop_resume_state: dict[str, Any] | None = None
+        self._bidrop_resume_missing = False
+        super().__init__(*args, **kwargs)
+
+    # ----- train / resume ------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, with the Bi-Drop state restored from the checkpoint's `bidrop_state.json`."""
+        self.bidrop = None  # created at the first training_step, on this call's model/optimizer/engine
+        self.bidrop_last_result = None
+        self._bidrop_chunks = []
+        self._bidrop_kept = []
+        self._bidrop_resume_state, self._bidrop_resume_missing = None, False
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, STATE_NAME)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    self._bidrop_resume_state = json.load(f)
+            else:
+                self._bidrop_resume_missing = True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Every resumable checkpoint (not `save_only_model`) also gets the plugin's state."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.bidrop.state_dict() if self.bidrop is not None else self._bidrop_resume_state
+        if state is not None and self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2)
+
+    # ----- the step ------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Buffer the window's micro-batches; at its last one, run the Bi-Drop step over all of them."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        self._bidrop_chunks.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:  # not the window's last micro-batch: no pass yet
+            return torch.zeros((), device=self.args.device)
+        chunks, self._bidrop_chunks = self._bidrop_chunks, []
+        expected = getattr(self, "current_gradient_accumulation_steps", len(chunks))
+        if len(chunks) != expected:
+            raise RuntimeError(f"BiDrop Trainer: the accumulation window ended after {len(chunks)} micro-batch(es) "
+                               f"but the Trainer announced {expected}; training_step must see every micro-batch")
+        if self.bidrop is None:
+            self.bidrop = self._bidrop_create(model)
+        if is_deepspeed_engine(model):
+            loss, result = self._bidrop_deepspeed_step(model, chunks, num_items_in_batch)
+        else:
+            loss, result = self._bidrop_hooks_step(model, chunks, num_items_in_batch)
+        self.bidrop_last_result = result
+        if not result.skipped:
+            self._bidrop_kept.append(result.kept_fraction)
+        return loss
+
+    def _bidrop_chunk_loss(self, model: nn.Module, chunk: dict[str, Any], num_items_in_batch: Any,
+                           chunks: int) -> torch.Tensor:
+        """The loss the vanilla Trainer would backpropagate for this micro-batch (scaled for accumulation)."""
+        with self.compute_loss_context_manager():
+            # a copy: compute_loss may pop "labels", and every pass needs them
+            loss = self.compute_loss(model, dict(chunk), num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()  # nn.DataParallel
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                or self.compute_loss_func is not None
+        return loss if scaled else loss / chunks
+
+    def _bidrop_hooks_step(self, model: nn.Module, chunks: list[dict[str, Any]],
+                           num_items_in_batch: Any) -> tuple[torch.Tensor, StepResult]:
+        """Plain / DDP / FSDP2: the k passes with the hooks; the masked mean stays in the grads for the
+        Trainer's clipping, optimizer step and scheduler."""
+        bidrop, k = self.bidrop, self.bidrop_config.k
+        bidrop.begin_step()  # re-attaches the gradient views the Trainer's model.zero_grad() dropped
+        total = torch.zeros((), device=self.args.device)
+        for pass_index in range(k):
+            with bidrop._pass_rng(pass_index):
+                for index, chunk in enumerate(chunks):
+                    last_in_pass = index == len(chunks) - 1
+                    with bidrop.backend.micro_step(last_in_pass, last_in_pass and pass_index == k - 1):
+                        loss = self._bidrop_chunk_loss(model, chunk, num_items_in_batch, len(chunks))
+                        self.accelerator.backward(loss)
+                    total += loss.detach().to(total.device, total.dtype)
+            bidrop.fold_pass()
+        scaler = getattr(self.accelerator, "scaler", None)
+        result = bidrop.apply_mask(grad_scale=float(scaler.get_scale()) if scaler is not None else None)
+        if result.skipped and scaler is not None:
+            # The grads are None, so the optimizer would not move; a GradScaler, however, wants to have
+            # seen an inf: give it one, so that it skips the step and backs its scale off.
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.grad = torch.full_like(param, float("inf"))
+        return total / k, result
+
+    def _bidrop_deepspeed_step(self, engine: nn.Module, chunks: list[dict[str, Any]],
+                               num_items_in_batch: Any) -> tuple[torch.Tensor, StepResult]:
+        """DeepSpeed: BiDrop drives the engine (k x G micro-steps, then one engine.step())."""
+        n = len(chunks)
+
+        def loss_fn(model: nn.Module, chunk: dict[str, Any]) -> torch.Tensor:
+            # engine.backward divides by gradient_accumulation_steps (= n): undo the Trainer's own
+            # scaling by the same n, so the gradient is the vanilla Trainer's
+            return self._bidrop_chunk_loss(model, chunk, num_items_in_batch, n) * n
+
+        result = self.bidrop.step(chunks, loss_fn=loss_fn)
+        return torch.tensor(result.loss, device=self.args.device), result
+
+    def _bidrop_create(self, model: nn.Module) -> BiDrop:
+        """The BiDrop object, on the model the Trainer trains (the engine under DeepSpeed)."""
+        if getattr(self, "is_fsdp_enabled", False) and not _is_fsdp2(self):
+            raise NotImplementedError("BiDrop Trainer: FSDP1 (FullyShardedDataParallel) is not supported; "
+                                      "use FSDP2 (fsdp_version: 2), DeepSpeed ZeRO or DDP")
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and any(getattr(pc, f"{kind}_enabled", False) for kind in ("cp", "sp", "tp")):
+            raise NotImplementedError("BiDrop Trainer: context, sequence and tensor parallelism are not supported")
+        if self.args.optim in ("lomo", "adalomo"):
+            raise NotImplementedError("BiDrop Trainer: LOMO optimizers step inside backward; Bi-Drop needs "
+                                      "all k passes before the step")
+        core = self.accelerator.unwrap_model(model)
+        if not _has_dropout(core):
+            warnings.warn(f"BiDrop Trainer: {type(core).__name__} has no dropout with p > 0, so the {self.bidrop_config.k} "
+                          "passes are identical and the perturbation factor has no spread to measure; "
+                          "Bi-Drop needs dropout on", UserWarning, stacklevel=3)
+        if is_deepspeed_engine(model):
+            self._bidrop_check_deepspeed_windows(model)
+            bidrop = BiDrop(model, config=self.bidrop_config)
+        else:
+            optimizer = self.optimizer
+            while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+                optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+            bidrop = BiDrop(model, optimizer, self.bidrop_config)
+        if self._bidrop_resume_state is not None:
+            saved = self._bidrop_resume_state.get("config")
+            if saved is not None and saved != self.bidrop_config.to_dict():
+                logger.warning("BiDrop Trainer: resuming with a Bi-Drop config that differs from the checkpoint's "
+                               "(%s, now %s)", saved, self.bidrop_config.to_dict())
+            bidrop.load_state_dict(self._bidrop_resume_state)
+        elif self._bidrop_resume_missing:
+            logger.warning("BiDrop Trainer: the checkpoint has no %s (not a Bi-Drop run?); the step counter "
+                           "continues from the Trainer's global step %d", STATE_NAME, self.state.global_step)
+            bidrop.step_index = self.state.global_step
+        return bidrop
+
+    def _bidrop_check_deepspeed_windows(self, engine: nn.Module) -> None:
+        """Under DeepSpeed every Bi-Drop step needs exactly gradient_accumulation_steps chunks; an epoch
+        whose micro-batches do not fill whole windows would end in a short one: refuse before training."""
+        gas = self.args.gradient_accumulation_steps
+        loader = getattr(self.callback_handler, "train_dataloader", None)
+        try:
+            per_epoch = len(loader)
+        except TypeError:
+            return  # an iterable dataset: a short window, if any, is refused by BiDrop when it comes
+        full, rest = divmod(per_epoch, gas)
+        if rest and self.state.max_steps > full:
+            raise ValueError(
+                f"BiDrop Trainer under DeepSpeed: an epoch has {per_epoch} micro-batches per rank, which is not a "
+                f"multiple of gradient_accumulation_steps={gas}, so its last accumulation window would have "
+                f"{rest}; a Bi-Drop step on a DeepSpeed engine needs exactly {gas} chunks. Make the micro-batches "
+                f"per epoch a multiple of {gas} (training set size, per_device_train_batch_size, "
+                f"dataloader_drop_last=True) or set max_steps <= {full}.")
+
+    # ----- logging -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs also get `bidrop_kept_fraction` (mean over the steps since the last log, skipped
+        steps left out) and `bidrop_skipped_steps` (so far)."""
+        if self.bidrop is not None and ("loss" in logs or "train_loss" in logs):
+            if "loss" in logs:
+                logs["bidrop_kept_fraction"] = (sum(self._bidrop_kept) / len(self._bidrop_kept)
+                                                if self._bidrop_kept else math.nan)
+                self._bidrop_kept = []
+            logs["bidrop_skipped_steps"] = self.bidrop.skipped_steps
+        return super().log(logs, *args, **kwargs)
+
+
+def _is_fsdp2(trainer: Any) -> bool:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return getattr(plugin, "fsdp_version", 1) == 2
+
+
+class BiDropTrainer(BiDropTrainerMixin, Trainer):
+    """`transformers.Trainer` with Bi-Drop: `BiDropTrainer(model, args, ..., bidrop_config=BiDropConfig(...))`."""
