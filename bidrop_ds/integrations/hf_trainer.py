@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from typing import Any
@@ -64,6 +63,15 @@ class BiDropTrainerMixin:
     `bidrop_config` (keyword): a `BiDropConfig` (None: the defaults). After training starts,
     `self.bidrop` is the `BiDrop` object and `self.bidrop_last_result` the last step's `StepResult`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse `class T(Trainer, BiDropTrainerMixin)`: the Trainer's training_step would win, silently."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(BiDropTrainerMixin):
+            base = next(b for b in cls.__bases__ if issubclass(b, Trainer))
+            raise TypeError(f"{cls.__name__}: put BiDropTrainerMixin before the Trainer class in the bases: "
+                            f"class {cls.__name__}(BiDropTrainerMixin, {base.__name__})")
 
     def __init__(self, *args: Any, bidrop_config: BiDropConfig | None = None, **kwargs: Any) -> None:
         if bidrop_config is None:
@@ -201,8 +209,8 @@ class BiDropTrainerMixin:
                                       "all k passes before the step")
         core = self.accelerator.unwrap_model(model)
         if not _has_dropout(core):
-            warnings.warn(f"BiDrop Trainer: {type(core).__name__} has no dropout with p > 0, so the {self.bidrop_config.k} "
-                          "passes are identical and the perturbation factor has no spread to measure; "
+            warnings.warn(f"BiDrop Trainer: {type(core).__name__} has no dropout with p > 0, so the "
+                          f"{self.bidrop_config.k} passes are identical and the perturbation factor has no spread to measure; "
                           "Bi-Drop needs dropout on", UserWarning, stacklevel=3)
         if is_deepspeed_engine(model):
             self._bidrop_check_deepspeed_windows(model)
@@ -221,7 +229,7 @@ class BiDropTrainerMixin:
         elif self._bidrop_resume_missing:
             logger.warning("BiDrop Trainer: the checkpoint has no %s (not a Bi-Drop run?); the step counter "
                            "continues from the Trainer's global step %d", STATE_NAME, self.state.global_step)
-            bidrop.step_index = self.state.global_step
+            bidrop.load_state_dict({"step_index": self.state.global_step, "skipped_steps": 0})
         return bidrop
 
     def _bidrop_check_deepspeed_windows(self, engine: nn.Module) -> None:
@@ -245,11 +253,11 @@ class BiDropTrainerMixin:
     # ----- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training logs also get `bidrop_kept_fraction` (mean over the steps since the last log, skipped
-        steps left out) and `bidrop_skipped_steps` (so far)."""
+        steps left out; absent if all were skipped) and `bidrop_skipped_steps` (so far)."""
         if self.bidrop is not None and ("loss" in logs or "train_loss" in logs):
+            if "loss" in logs and self._bidrop_kept:
+                logs["bidrop_kept_fraction"] = sum(self._bidrop_kept) / len(self._bidrop_kept)
             if "loss" in logs:
-                logs["bidrop_kept_fraction"] = (sum(self._bidrop_kept) / len(self._bidrop_kept)
-                                                if self._bidrop_kept else math.nan)
                 self._bidrop_kept = []
             logs["bidrop_skipped_steps"] = self.bidrop.skipped_steps
         return super().log(logs, *args, **kwargs)
