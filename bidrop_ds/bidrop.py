@@ -4,7 +4,10 @@ Two levels of use:
 - `step(batch_or_chunks)` runs a whole step: k passes over the chunks, mask, optimizer step.
 - the hooks it is built from, for a training loop of your own:
       bidrop.begin_step()
-      for j in range(k): forward + backward (each chunk), then bidrop.fold_pass()
+      for j in range(k):
+          with bidrop.pass_rng(j):                  # the pass's dropout draws (seeded if config.seed)
+              for each chunk: with bidrop.micro_step(last_in_pass, last_in_step): forward + backward
+          bidrop.fold_pass()
       result = bidrop.apply_mask()     # masked mean written into the grads
       optimizer.step()                 # a no-op if result.skipped: all grads were set to None
 """
@@ -156,10 +159,10 @@ class BiDrop:
         self.begin_step()
         losses = []
         for pass_index in range(self.config.k):
-            with self._pass_rng(pass_index):
+            with self.pass_rng(pass_index):
                 for chunk_index, chunk in enumerate(chunks):
                     last_in_pass = chunk_index == len(chunks) - 1
-                    with self.backend.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
+                    with self.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
                         loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
                         self.backend.backward(loss, len(chunks))
                     losses.append(loss.detach())
@@ -195,8 +198,13 @@ class BiDrop:
         self.backend.agreement_comm.all_reduce_sum(flag)
         return int(flag.item()) == 0
 
+    def micro_step(self, last_in_pass: bool, last_in_step: bool):
+        """Context for one chunk's forward+backward: reduce only on a pass's last chunk (DDP no_sync,
+        FSDP2 gradient sync, DeepSpeed's accumulation boundary)."""
+        return self.backend.micro_step(last_in_pass, last_in_step)
+
     @contextmanager
-    def _pass_rng(self, pass_index: int) -> Iterator[None]:
+    def pass_rng(self, pass_index: int) -> Iterator[None]:
         """With `seed` set, pass j of step t draws dropout from seed (seed, t, j, rank); the caller's
         RNG state is restored afterwards. With seed None, the global RNG is used as is."""
         if self.config.seed is None:

@@ -166,10 +166,10 @@ class BiDropTrainerMixin:
         bidrop.begin_step()  # re-attaches the gradient views the Trainer's model.zero_grad() dropped
         total = torch.zeros((), device=self.args.device)
         for pass_index in range(k):
-            with bidrop._pass_rng(pass_index):
+            with bidrop.pass_rng(pass_index):
                 for index, chunk in enumerate(chunks):
                     last_in_pass = index == len(chunks) - 1
-                    with bidrop.backend.micro_step(last_in_pass, last_in_pass and pass_index == k - 1):
+                    with bidrop.micro_step(last_in_pass, last_in_pass and pass_index == k - 1):
                         loss = self._bidrop_chunk_loss(model, chunk, num_items_in_batch, len(chunks))
                         self.accelerator.backward(loss)
                     total += loss.detach().to(total.device, total.dtype)
