@@ -8,6 +8,13 @@ Call it right after `accelerator.prepare(...)`, with what prepare returned:
         result = bidrop.step(chunks)     # k passes x chunks, mask, optimizer step, zeroed grads
         scheduler.step()                 # a no-op when DeepSpeed owns the scheduler (engine.step() steps it)
 
+The loader's batch size is the micro batch: a Bi-Drop step takes `chunks` consecutive micro-batches.
+A torch LR scheduler passed to prepare() becomes an AcceleratedScheduler (under DeepSpeed too, which
+only owns schedulers of its own kind); by default (`step_scheduler_with_optimizer=True`) each of its
+`step()` calls advances the schedule `num_processes` times, accelerate's convention for schedules
+sized in single-process steps. `Accelerator(step_scheduler_with_optimizer=False)` makes it one
+advance per call, i.e. per Bi-Drop step (what launch/accelerate_finetune.py does).
+
 What it hands to `BiDrop`, by accelerate setup:
 
 - DeepSpeed plugin (ZeRO 0-3): `BiDrop(engine, config=config)`; the engine is the prepared model
@@ -16,15 +23,17 @@ What it hands to `BiDrop`, by accelerate setup:
   accelerate's DeepSpeed wrapper calls `engine.step()` inside it whenever gradients sync, i.e. after
   the first pass. The prepared optimizer (a `DeepSpeedOptimizerWrapper`, whose step and zero_grad
   are no-ops) is not used. The engine's `gradient_accumulation_steps` (the yaml's
-  `gradient_accumulation_steps`) is the number of chunks per Bi-Drop step.
+  `gradient_accumulation_steps`) is the number of chunks per Bi-Drop step. What the DeepSpeed backend
+  refuses (offload, ZeRO++, pipeline, ...) it refuses here too, with its own error.
 - FSDP2 (`fsdp_version: 2`), DDP (MULTI_GPU, MULTI_CPU, ...) or one process:
-  `BiDrop(prepared_model, inner_optimizer, config)`. accelerate wraps the optimizer in an
-  `AcceleratedOptimizer`; Bi-Drop gets the torch optimizer inside it. The wrapper's `step()` steps
-  the inner optimizer only while accelerate's `sync_gradients` is true (it is false inside
-  `accelerator.accumulate()` on non-boundary batches) and, with fp16, through its GradScaler
-  (unscale, inf check); Bi-Drop writes the final gradient itself and must step exactly once per
-  Bi-Drop step, so the wrapper's logic is at best redundant. Under FSDP2 the inner optimizer holds
-  the sharded (DTensor) parameters accelerate swapped in, which is what Bi-Drop's FSDP2 backend needs.
+  `BiDrop(prepared_model, inner_optimizer, config)`: accelerate wraps the optimizer in an
+  `AcceleratedOptimizer`, and Bi-Drop gets the torch optimizer inside it. Bi-Drop writes the final
+  gradient itself and must step exactly once per Bi-Drop step. The wrapper's `step()` equals the
+  inner `step()` only outside `accelerator.accumulate()` (inside, `sync_gradients` is false on
+  non-boundary batches and the wrapper skips the step) and without a GradScaler (with one it
+  unscales, checks for infs and steps through the scaler); the inner optimizer keeps Bi-Drop
+  independent of that state. Under FSDP2 the inner optimizer holds the sharded (DTensor) parameters
+  accelerate swapped in during prepare(), which is what Bi-Drop's FSDP2 backend works on.
 
 Refused with a `ValueError` naming the setting and the way out:
 - fp16 through accelerate's GradScaler (`mixed_precision="fp16"` without DeepSpeed): the k passes
@@ -66,7 +75,7 @@ def bidrop_for(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer |
     config = config if config is not None else BiDropConfig()
     kind = accelerator.distributed_type
     _refuse_common(accelerator, model, kind, DistributedType)
-    if kind == DistributedType.DEEPSPEED:
+    if kind == DistributedType.DEEPSPEED or is_deepspeed_engine(model):
         engine = _deepspeed_engine(accelerator, model)
         if optimizer is not None and getattr(optimizer, "optimizer", optimizer) is not engine.optimizer:
             raise ValueError("bidrop_for: under DeepSpeed the optimizer must be the one accelerator.prepare "
@@ -78,24 +87,21 @@ def bidrop_for(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer |
         return BiDrop(engine, config=config)
     if optimizer is None:
         raise ValueError("bidrop_for: pass the optimizer that accelerator.prepare returned with the model")
-    if is_deepspeed_engine(model):
-        raise ValueError("bidrop_for: got a DeepSpeed engine but the accelerator is not running the DeepSpeed "
-                         "plugin; pass the accelerator that prepared it")
     if getattr(accelerator, "scaler", None) is not None:
         raise ValueError(
             f"bidrop_for: mixed_precision={accelerator.mixed_precision!r} through accelerate's "
             f"{type(accelerator.scaler).__name__} is not supported: Bi-Drop's passes call loss.backward() "
             "unscaled, and the scaler would unscale them. Use mixed_precision='bf16' (or 'no'), DeepSpeed's "
-            "fp16 (ZeRO-1/2/3), or drive the hooks yourself: begin_step(); k x (accelerator.backward(loss); "
-            "fold_pass()); apply_mask(grad_scale=scaler.get_scale()); then the scaler's step and update")
-    if kind == DistributedType.FSDP:
-        if not is_fsdp2_model(model):
-            raise ValueError(f"bidrop_for: FSDP version 1 ({type(model).__name__}) is not supported; set "
-                             "fsdp_version: 2 in the accelerate config (Bi-Drop works on FSDP2's DTensor shards)")
+            "fp16 (ZeRO-1/2/3), or drive BiDrop's hooks in a loop of your own (scaled backward per pass, "
+            "fold_pass(), apply_mask(grad_scale=scaler.get_scale()), then the scaler's step and update)")
+    if is_fsdp2_model(model):
         _warn_fsdp2_reduce_dtype(accelerator)
+    elif kind == DistributedType.FSDP:
+        raise ValueError(f"bidrop_for: FSDP version 1 ({type(model).__name__}) is not supported; set "
+                         "fsdp_version: 2 in the accelerate config (Bi-Drop works on FSDP2's DTensor shards)")
     elif accelerator.num_processes > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(f"bidrop_for: {accelerator.num_processes} processes ({kind}) but the model is a "
-                         f"{type(model).__name__}, not DistributedDataParallel; pass the model that "
+                         f"{type(model).__name__}, not DistributedDataParallel or FSDP2; pass the model that "
                          "accelerator.prepare returned")
     inner = _inner_optimizer(optimizer)
     _check_optimizer_holds(model, inner)
@@ -103,9 +109,11 @@ def bidrop_for(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer |
 
 
 def chunks_per_step(accelerator) -> int:
-    """Micro-batches per Bi-Drop step: accelerate's gradient_accumulation_steps (under DeepSpeed the
-    engine's, which must equal the chunk count; elsewhere 1 unless set, e.g. `accelerate launch
-    --gradient_accumulation_steps N`)."""
+    """Micro-batches per Bi-Drop step: accelerate's gradient_accumulation_steps. Under DeepSpeed that
+    is the engine's (the yaml's `gradient_accumulation_steps`), which must equal the chunk count;
+    elsewhere it is 1 unless set (`Accelerator(gradient_accumulation_steps=N)` or the environment
+    variable ACCELERATE_GRADIENT_ACCUMULATION_STEPS; `accelerate launch --gradient_accumulation_steps`
+    only reaches DeepSpeed runs)."""
     return int(accelerator.gradient_accumulation_steps)
 
 
