@@ -1,6 +1,7 @@
 """Integrations with training frameworks. Imported lazily, so that `import bidrop_ds` does not import them.
 
 - `bidrop_ds.integrations.hf_trainer`: `BiDropTrainer`, `BiDropTrainerMixin` (Hugging Face Trainer).
+- `bidrop_ds.integrations.accelerate`: `bidrop_for` (a BiDrop after `accelerator.prepare`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {"BiDropTrainer": "bidrop_ds.integrations.hf_trainer",
-         "BiDropTrainerMixin": "bidrop_ds.integrations.hf_trainer"}
+         "BiDropTrainerMixin": "bidrop_ds.integrations.hf_trainer",
+         "bidrop_for": "bidrop_ds.integrations.accelerate"}
 
 __all__ = sorted(_LAZY)
 
