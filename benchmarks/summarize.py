@@ -1,0 +1,139 @@
+"""Collect the JSON files run_all.sh wrote into benchmarks/results/latest.json and print the
+Markdown tables with each figure next to its goal.
+
+    python benchmarks/summarize.py RESULTS_DIR "COMMAND"
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+MIB = 2**20
+
+
+def load(directory: Path, name: str) -> dict | None:
+    path = directory / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def table(rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, rows[0])) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> None:
+    directory, command = Path(sys.argv[1]), sys.argv[2]
+    z2, z3 = load(directory, "step_zero2.json"), load(directory, "step_zero3.json")
+    minilm = load(directory, "step_minilm_zero2.json")
+    only = {mode: load(directory, f"memory_{mode}.json") for mode in ("vanilla", "bidrop", "naive")}
+    sel1, sel2 = load(directory, "selection_1rank.json"), load(directory, "selection_2ranks.json")
+
+    goals = {}
+    ratio = z2["step_time_ratio"]
+    goals["step_time_ratio <= 1.05 (ZeRO-2, CPU)"] = ratio <= 1.05
+    plugin, bound = z2["plugin_bytes_per_rank"], z2["bound_bytes_per_rank"]
+    goals["plugin memory <= 8 x P/N + 1 MiB per rank"] = plugin <= bound + MIB
+    extra_ok = z2["extra_comm_calls_per_step"] <= 4 and z2["extra_comm_max_call_bytes"] <= 8 * 1024
+    goals["extra comm <= 4 all-reduces of <= 8 KiB per step"] = extra_ok
+    selection_rows = (sel1["rows"] if sel1 else []) + (sel2["rows"] if sel2 else [])
+    large = [r for r in selection_rows if r["P_per_rank"] >= 10**7]
+    goals["exact selection faster than gather + kthvalue from P = 1e7 (2 ranks)"] = all(
+        r["exact_s"] < r["gather_kthvalue_s"] for r in large if r["ranks"] > 1)
+    goals["exact selection faster than gather + kthvalue from P = 1e7 (1 rank)"] = all(
+        r["exact_s"] < r["gather_kthvalue_s"] for r in large if r["ranks"] == 1)
+
+    step_rows = [["model", "ZeRO", "params", "vanilla s", "Bi-Drop s", "naive s", "Bi-Drop / (k x vanilla)",
+                  "naive / (k x vanilla)", "goal"]]
+    for r in (z2, z3, minilm):
+        if r:
+            step_rows.append([r["model"], r["stage"], r["params"], fmt(r["vanilla_step_s"]), fmt(r["bidrop_step_s"]),
+                              fmt(r.get("naive_step_s")), fmt(r["step_time_ratio"]),
+                              fmt(r.get("naive_step_time_ratio")), "<= 1.05"])
+    mem_rows = [["ZeRO-2, per rank", "vanilla", "Bi-Drop", "naive", "goal"]]
+    mem_rows.append(["peak RSS of the steps (MiB)"] + [fmt(only[m] and only[m]["peak_rss_mib"], ".1f") for m in only] + [""])
+    mem_rows.append(["RSS growth over the built engine (MiB)"]
+                    + [fmt(only[m] and only[m]["rss_growth_mib"], ".1f") for m in only] + [""])
+    mem_rows.append(["plugin buffers (MiB)", "", f"{plugin / MIB:.2f}", f"{z2['naive_copies_bytes_per_rank'] / MIB:.2f} (k grad copies)",
+                     f"<= 8 x {z2['owned_elements']} B + 1 MiB = {(bound + MIB) / MIB:.2f}"])
+    comm_rows = [["per step, per rank", "ZeRO", "vanilla (1 step)", "Bi-Drop", "naive", "goal"]]
+    for r in (z2, z3):
+        comm_rows.append(["all collectives: bytes / calls", r["stage"],
+                          f"{r['vanilla_comm_bytes_per_step']} / {r['vanilla_comm_calls_per_step']}",
+                          f"{r['bidrop_comm_bytes_per_step']} / {r['bidrop_comm_calls_per_step']}",
+                          f"{r['naive_comm_bytes_per_step']} / {r['naive_comm_calls_per_step']}", ""])
+        comm_rows.append(["beyond the k gradient reductions: bytes / calls", r["stage"], "0 / 0",
+                          f"{r['extra_comm_bytes_per_step']} / {r['extra_comm_calls_per_step']} "
+                          f"(largest {r['extra_comm_max_call_bytes']} B)",
+                          f"{r['naive_extra_comm_bytes_per_step']} / {r['naive_extra_comm_calls_per_step']}",
+                          "<= 4 calls of <= 8 KiB"])
+    sel_rows = [["ranks", "P per rank", "exact s", "gather + kthvalue s", "speedup", "exact peak extra MiB",
+                 "gather + kthvalue peak extra MiB", "goal (P >= 1e7: exact faster)"]]
+    for r in selection_rows:
+        sel_rows.append([r["ranks"], f"{r['P_per_rank']:.0e}", fmt(r["exact_s"], ".4f"), fmt(r["gather_kthvalue_s"], ".4f"),
+                         fmt(r["speedup"], ".2f"), fmt(r["exact_peak_extra_mib"], ".1f"),
+                         fmt(r["gather_kthvalue_peak_extra_mib"], ".1f"), r["goal_faster"]])
+
+    machine = {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform()}
+    latest = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "machine": machine, "versions": versions(),
+        "step_time_ratio": ratio, "naive_step_time_ratio": z2.get("naive_step_time_ratio"),
+        "step_time_ratio_zero3": z3 and z3["step_time_ratio"],
+        "naive_step_time_ratio_zero3": z3 and z3.get("naive_step_time_ratio"),
+        "step_time_ratio_minilm_zero2": minilm and minilm["step_time_ratio"],
+        "plugin_bytes_per_rank": plugin, "bound_bytes_per_rank": bound,
+        "naive_copies_bytes_per_rank": z2["naive_copies_bytes_per_rank"],
+        "peak_rss_mib": {m: only[m] and only[m]["peak_rss_mib"] for m in only},
+        "rss_growth_mib": {m: only[m] and only[m]["rss_growth_mib"] for m in only},
+        "extra_comm_bytes_per_step": z2["extra_comm_bytes_per_step"],
+        "extra_comm_calls_per_step": z2["extra_comm_calls_per_step"],
+        "extra_comm_max_call_bytes": z2["extra_comm_max_call_bytes"],
+        "naive_extra_comm_bytes_per_step": z2["naive_extra_comm_bytes_per_step"],
+        "naive_extra_comm_calls_per_step": z2["naive_extra_comm_calls_per_step"],
+        "selection": selection_rows,
+        "goals_met": goals,
+        "runs": {"zero2": z2, "zero3": z3, "minilm_zero2": minilm, "memory": only},
+    }
+    (directory / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+    print("### Step time (2 ranks, median of interleaved repeats)\n\n" + table(step_rows))
+    print("\n### Memory\n\n" + table(mem_rows))
+    print("\n### Communication\n\n" + table(comm_rows))
+    print("\n### Selection\n\n" + table(sel_rows))
+    print("\n### Goals\n\n" + table([["goal", "met"]] + [[k, "yes" if v else "**no**"] for k, v in goals.items()]))
+    print(f"\nMachine: {machine['nproc']} CPUs, {machine['cpu_model']}; versions {latest['versions']}; {latest['date']}")
+
+
+if __name__ == "__main__":
+    main()
