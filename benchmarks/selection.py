@@ -23,33 +23,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from rss import rank_max, reset_peak_rss, status_kib
+
 from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.core import LocalCommunicator, global_threshold, kept_count
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
-
-
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank_max(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def measure(fn, repeats: int) -> tuple[float, float, float]:
@@ -60,14 +41,14 @@ def measure(fn, repeats: int) -> tuple[float, float, float]:
     for _ in range(repeats):
         if dist.is_initialized():
             dist.barrier()
-        before = _status_kib("VmRSS")
-        reset_peak()
+        before = status_kib("VmRSS")
+        reset_peak_rss()
         start = time.perf_counter()
         result = fn()
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - start)
-        extra = max(extra, (_status_kib("VmHWM") - before) / 1024)
+        extra = max(extra, (status_kib("VmHWM") - before) / 1024)
     return rank_max(statistics.median(times)), rank_max(extra), result
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_count  # noqa: E402  (benchmarks/ helper)
+from rss import rank_max, reset_peak_rss, status_kib  # noqa: E402
 
 COUNTER = comm_count.install()  # before deepspeed.init_distributed caches the collectives
 
@@ -101,30 +102,6 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rank_max(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -147,7 +124,7 @@ def main() -> None:
              "labels": torch.randint(0, 2, (args.micro_batch,), generator=g).to(engine.device)}
     modes = [args.only] if args.only else ["vanilla", "bidrop"] + (["naive"] if args.naive else [])
 
-    rss_before_kib = _status_kib("VmRSS")
+    rss_before_kib = status_kib("VmRSS")
     bidrop = BiDrop(engine, config=BiDropConfig(k=args.k, p=args.p, seed=0)) if "bidrop" in modes else None
     naive = naive_port.NaiveBiDrop(engine, BiDropConfig(k=args.k, p=args.p)) if "naive" in modes else None
     if bidrop is not None:  # one wrapper if selection and agreement share a communicator (the plugin checks `is`)
@@ -169,7 +146,7 @@ def main() -> None:
             s = timed(steps[mode])
             if repeat >= args.warmup:
                 seconds[mode].append(s)
-    peak_kib = _status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row: dict = {"model": args.model, "stage": args.stage, "dtype": "bf16" if args.bf16 else "fp32", "k": args.k,
                  "ranks": dist.get_world_size(),
                  "params": sum(naive_port.full_numel(p) for p in engine.module.parameters())}

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.models import random_batch, split_chunks, tiny_bert
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.utils import DistributedType  # noqa: E402
+from tests.launching import run_in_session
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "accelerate_finetune.py"
@@ -174,15 +174,7 @@ def launch(launch_args: list[str], script: Path, script_args: list[str], extra_e
                PYTHONUNBUFFERED="1", **(extra_env or {}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *launch_args,
                str(script), *script_args]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"the 2-process run did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return run_in_session(command, env, timeout, "the 2-process run")
 
 
 def run_ok(tmp_path: Path, launch_args: list[str], script_args: list[str], script: Path = SCRIPT,

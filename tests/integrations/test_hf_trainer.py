@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.integrations.hf_trainer import STATE_NAME, BiDropTrainer, BiDropTrainerMixin
 from tests.models import random_batch, tiny_bert
+from tests.launching import run_in_session
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-3
@@ -230,15 +230,7 @@ def launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
            "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(Path(__file__)), *args]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"the 2-rank run did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return run_in_session(command, env, timeout, "the 2-rank run")
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "ddp", "fsdp2"])

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from tests.launch.conftest import ROOT, SCRIPT, small_run
+from tests.launching import run_in_session
 
 pytest.importorskip("deepspeed")
 
@@ -34,16 +34,7 @@ def launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
            "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), *args]
-    # its own session, so that a hang is ended for torchrun and both ranks alike
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"the 2-rank run did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return run_in_session(command, env, timeout, "the 2-rank run")
 
 
 def run_ok(tmp_path: Path, *args: str) -> dict:
