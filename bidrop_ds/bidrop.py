@@ -18,16 +18,18 @@ import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
 from bidrop_ds.backends.fsdp2 import Fsdp2Backend, is_fsdp2_model
 from bidrop_ds.backends.torch_ddp import TorchBackend
 from bidrop_ds.config import BiDropConfig
-from bidrop_ds.core import PassStatistics, global_threshold, kept_count, scores_into_m2
+from bidrop_ds.core import LocalCommunicator, PassStatistics
+from bidrop_ds.strategies import ChildTuningD, agree, make_rule
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,24 @@ class StepResult:
     loss: float | None = None
 
 
+class SkipLimitError(RuntimeError):
+    """Too many steps in a row were skipped for non-finite values (config.max_consecutive_skips)."""
+
+
+# Dropout rates of HF model configs (attention dropout is often applied functionally, not as a module).
+DROPOUT_CONFIG_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout", "attention_dropout",
+                       "dropout", "dropout_rate", "resid_pdrop", "attn_pdrop", "embd_pdrop", "classifier_dropout")
+
+
+def has_active_dropout(module: nn.Module) -> bool:
+    """Whether passes can differ: a dropout module with p > 0, or a dropout rate > 0 in an HF config."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()):
+        return True
+    config = getattr(module, "config", None)
+    return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0
+               for key in DROPOUT_CONFIG_KEYS)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, step, pass, rank), stable across platforms and runs."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -62,13 +82,50 @@ class BiDrop:
             raise TypeError(f"BiDrop: config must be a BiDropConfig, got {type(self.config).__name__}")
         self.model = model
         self.backend = self._make_backend(model, optimizer)
+        self._check_dropout(model)
         self.stats = PassStatistics(self.backend.numel, device=self.backend.device)
-        self.masking = self.config.k > 1 and self.config.p < 1.0
-        self.n = kept_count(self.config.p, self.backend.total_numel)
         self.step_index = 0  # steps begun so far; seeds the passes of seeded runs
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self._in_step = False
+        self._check_ranks_agree()
+        self.rule = make_rule(self)
         self.backend.begin_step()
+
+    @property
+    def masking(self) -> bool:
+        """Whether steps are masked (False for vanilla, and Bi-Drop with k = 1 or p = 1)."""
+        return self.config.masking
+
+    def _check_dropout(self, model: nn.Module) -> None:
+        """Bi-Drop's passes differ only by their dropout draws: without active dropout the k
+        gradients are equal and every score's spread is 0. Refuse, or warn if the user opts in."""
+        if self.config.strategy != "bidrop" or self.config.k == 1:
+            return
+        module = getattr(model, "module", model)  # DeepSpeed engine, DDP
+        if has_active_dropout(module):
+            return
+        message = (f"BiDrop: {type(module).__name__} has no dropout module with p > 0, so the k = {self.config.k} "
+                   "passes give identical gradients (no sub-network estimate). Enable dropout in the model "
+                   "(e.g. hidden_dropout_prob=0.1), or set allow_no_dropout=True to run anyway")
+        if not self.config.allow_no_dropout:
+            raise ValueError(message)
+        logger.warning(message.split(". Enable")[0] + "; running anyway (allow_no_dropout=True)")
+
+    def _check_ranks_agree(self) -> None:
+        """All ranks must run the same settings on the same element count and dtype: one all-reduce
+        of a fingerprint, so a mismatch fails at construction, not as a hang or a silent divergence."""
+        dtype = str(self.stats.mean.dtype)
+        fingerprint = f"{self.config.to_json()}|{type(self.backend).__name__}|{self.backend.total_numel}|{dtype}"
+        value = int.from_bytes(hashlib.blake2b(fingerprint.encode(), digest_size=4).digest(), "little") >> 1
+        probe = torch.tensor([value, 1], dtype=torch.int64, device=self.backend.device)
+        self.backend.agreement_comm.all_reduce_sum(probe)
+        ranks = int(probe[1])
+        if int(probe[0]) != value * ranks:
+            raise ValueError(f"BiDrop: the {ranks} ranks disagree on the Bi-Drop config, the backend or the "
+                             f"eligible element count (this rank: {type(self.backend).__name__}, "
+                             f"{self.backend.total_numel} eligible elements, config {self.config.to_dict()}); "
+                             "launch every rank with the same settings and model")
 
     def _make_backend(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if is_deepspeed_engine(model):
@@ -107,7 +164,8 @@ class BiDrop:
         backend's own, i.e. DeepSpeed's fp16 loss scale, else 1), so that the mask is that of the
         unscaled gradients; the written gradient keeps the scale.
         If any statistic is non-finite on any rank, every rank skips: all grads are set to None so
-        that the optimizer's step touches neither parameters nor state.
+        that the optimizer's step touches neither parameters nor state. After
+        `config.max_consecutive_skips` skips in a row, SkipLimitError is raised (on every rank).
         """
         if not self._in_step or self.stats.count != self.config.k:
             raise RuntimeError(f"BiDrop.apply_mask() after {self.stats.count} folded passes; "
@@ -118,32 +176,36 @@ class BiDrop:
         if grad_scale is None:
             grad_scale = self.backend.grad_scale()
         finite = self.stats.is_finite() and self.backend.others_finite()
-        threshold = None
-        if self.masking:
-            generator = None
-            if self.config.score == "random":
-                seed = derive_seed(-1 if self.config.seed is None else self.config.seed, step, -1)
-                generator = torch.Generator(device=self.backend.device).manual_seed(seed)
-            scores = scores_into_m2(self.stats, self.backend.abs_params(), self.config.score,
-                                    self.config.eps, generator, grad_scale)
-            self.backend.mark_ineligible(scores, -1.0)  # negative: not a candidate
-            found = global_threshold(scores, self.n, self.backend.selection_comm, not finite)
-            finite = finite and found is not None
-        if not (self.masking and self.backend.selection_comm is self.backend.agreement_comm):
-            finite = self._all_ranks_agree(finite)  # the selection did not already carry the flag
-        if not finite:
+        outcome = self.rule.decide(step, finite, grad_scale)
+        if outcome is None:
             return self._skip(step)
-        update = self.stats.mean
-        kept = self.backend.total_numel
-        if self.masking:  # k = 1 or p = 1 is vanilla: no mask, no rescale
-            threshold, kept = found.value, found.kept
-            if self.config.rescale:  # the kept eligible elements only (ineligible ones score -1)
-                torch.where(scores >= threshold, update / self.config.p, update, out=update)
-            self.backend.mark_ineligible(scores, float("inf"))  # ineligible: always kept
-            update.masked_fill_(scores < threshold, 0.0)
-        self.backend.write_gradients(update, self.config.k)
-        return StepResult(kept_fraction=kept / self.backend.total_numel, skipped=False,
-                          threshold=threshold, step=step)
+        self.consecutive_skips = 0
+        self.backend.write_gradients(self.stats.mean, self.config.k)
+        return StepResult(kept_fraction=outcome.kept / self.backend.total_numel, skipped=False,
+                          threshold=outcome.threshold, step=step)
+
+    def estimate_fisher(self, batches: Iterable[Batch | Sequence[Batch]], loss_fn: LossFn | None = None,
+                        progress: bool = False) -> int:
+        """ChildTuning-D: fix the mask from the Fisher information of `batches` (typically one pass
+        over the training data), before the first step. Each batch (or list of chunks) runs one
+        forward+backward, reduced like a training pass, with no optimizer step; batches with a
+        non-finite gradient on any rank are left out. Returns the number of batches used."""
+        if self.config.strategy != "childtuning-d":
+            raise ValueError(f"BiDrop.estimate_fisher: only strategy 'childtuning-d' uses a Fisher mask, "
+                             f"this run's strategy is {self.config.strategy!r}")
+        if not isinstance(self.rule, ChildTuningD):  # p = 1: every element is updated anyway
+            return 0
+        for index, batch in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
+            chunks = self._chunks(batch)
+            self._run_passes(chunks, loss_fn, seed_step=-1 - index)
+            finite, _ = agree(self, self.stats.is_finite())
+            if finite:
+                self.rule.accumulate(self.stats.mean, self.backend.grad_scale())
+            self._in_step = False
+            self.backend.discard_gradients()
+            self.backend.zero_grad()
+        self.rule.finish()
+        return self.rule.batches
 
     # ----- the whole step --------------------------------------------------------------------
     def step(self, batch_or_chunks: Batch | Sequence[Batch], loss_fn: LossFn | None = None) -> StepResult:
@@ -152,21 +214,7 @@ class BiDrop:
         Each of the k passes runs forward+backward per chunk (loss / chunks, so equal chunks give
         the batch's gradient); then the mask, `optimizer.step()` (unless skipped), zeroed grads.
         """
-        chunks = list(batch_or_chunks) if isinstance(batch_or_chunks, (list, tuple)) else [batch_or_chunks]
-        if not chunks:
-            raise ValueError("BiDrop.step: got an empty list of chunks")
-        self.backend.check_chunks(len(chunks))
-        self.begin_step()
-        losses = []
-        for pass_index in range(self.config.k):
-            with self.pass_rng(pass_index):
-                for chunk_index, chunk in enumerate(chunks):
-                    last_in_pass = chunk_index == len(chunks) - 1
-                    with self.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
-                        loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
-                        self.backend.backward(loss, len(chunks))
-                    losses.append(loss.detach())
-            self.fold_pass()
+        losses = self._run_passes(self._chunks(batch_or_chunks), loss_fn, seed_step=self.step_index)
         result = self.apply_mask()
         if not result.skipped:
             self.backend.optimizer_step()
@@ -175,43 +223,80 @@ class BiDrop:
         return StepResult(kept_fraction=result.kept_fraction, skipped=result.skipped,
                           threshold=result.threshold, step=result.step, loss=mean_loss)
 
+    def _chunks(self, batch_or_chunks: Batch | Sequence[Batch]) -> list[Batch]:
+        chunks = list(batch_or_chunks) if isinstance(batch_or_chunks, (list, tuple)) else [batch_or_chunks]
+        if not chunks:
+            raise ValueError("BiDrop.step: got an empty list of chunks")
+        self.backend.check_chunks(len(chunks))
+        return chunks
+
+    def _run_passes(self, chunks: list[Batch], loss_fn: LossFn | None, seed_step: int) -> list[torch.Tensor]:
+        """Begin a step and fold config.k passes over the chunks; returns the chunk losses."""
+        self.begin_step()
+        losses = []
+        for pass_index in range(self.config.k):
+            with self._rng(seed_step, pass_index):
+                for chunk_index, chunk in enumerate(chunks):
+                    last_in_pass = chunk_index == len(chunks) - 1
+                    with self.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
+                        loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
+                        self.backend.backward(loss, len(chunks))
+                    losses.append(loss.detach())
+            self.fold_pass()
+        return losses
+
     # ----- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The plugin's own state (the mask is step-wise; only counters persist)."""
+        """The plugin's own state: counters (they seed the passes) and the strategy's bookkeeping."""
         return {"step_index": self.step_index, "skipped_steps": self.skipped_steps,
-                "config": self.config.to_dict()}
+                "consecutive_skips": self.consecutive_skips, "config": self.config.to_dict(),
+                "strategy": self.rule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_index = int(state["step_index"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.rule.load_state_dict(state.get("strategy", {}))
 
     # ----- internals ----------------------------------------------------------------------------
     def _skip(self, step: int) -> StepResult:
         self.skipped_steps += 1
+        self.consecutive_skips += 1
         self.backend.skip_step()
         logger.warning("Bi-Drop step %d skipped: non-finite gradient in some pass on some rank "
-                       "(%d skipped so far)", step, self.skipped_steps)
+                       "(%d skipped so far, %d in a row)", step, self.skipped_steps, self.consecutive_skips)
+        limit = self.config.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            raise SkipLimitError(f"Bi-Drop: {self.consecutive_skips} steps in a row had a non-finite loss or "
+                                 f"gradient (steps {step - self.consecutive_skips + 1}..{step}); the run is "
+                                 "diverging. Lower the learning rate, check the data, or raise "
+                                 "max_consecutive_skips (0 never stops)")
         return StepResult(kept_fraction=0.0, skipped=True, threshold=None, step=step)
 
-    def _all_ranks_agree(self, finite: bool) -> bool:
-        flag = torch.tensor([0 if finite else 1], dtype=torch.int64, device=self.backend.device)
-        self.backend.agreement_comm.all_reduce_sum(flag)
-        return int(flag.item()) == 0
+    def mask_generator(self, step: int) -> torch.Generator:
+        """The generator of step `step`'s random mask or scores: seeded by (seed, step) and, on a
+        shard, the rank (replicas draw alike, so their masks agree)."""
+        shard = 0 if isinstance(self.backend.selection_comm, LocalCommunicator) else self.backend.rank
+        seed = derive_seed(-1 if self.config.seed is None else self.config.seed, step, -1, shard)
+        return torch.Generator(device=self.backend.device).manual_seed(seed)
 
     def micro_step(self, last_in_pass: bool, last_in_step: bool):
         """Context for one chunk's forward+backward: reduce only on a pass's last chunk (DDP no_sync,
         FSDP2 gradient sync, DeepSpeed's accumulation boundary)."""
         return self.backend.micro_step(last_in_pass, last_in_step)
 
-    @contextmanager
-    def pass_rng(self, pass_index: int) -> Iterator[None]:
+    def pass_rng(self, pass_index: int):
         """With `seed` set, pass j of step t draws dropout from seed (seed, t, j, rank); the caller's
         RNG state is restored afterwards. With seed None, the global RNG is used as is."""
+        return self._rng(self.step_index, pass_index)
+
+    @contextmanager
+    def _rng(self, seed_step: int, pass_index: int) -> Iterator[None]:
         if self.config.seed is None:
             yield
             return
         device = self.backend.device
         devices = [device] if device.type != "cpu" else []
         with torch.random.fork_rng(devices=devices, device_type=device.type):
-            torch.manual_seed(derive_seed(self.config.seed, self.step_index, pass_index, self.backend.rank))
+            torch.manual_seed(derive_seed(self.config.seed, seed_step, pass_index, self.backend.rank))
             yield

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 SCORES = ("product", "perturbation", "scaling", "random")
+# Mask rules on the same machinery (../shared/BIDROP.md, "Systems to compare against").
+STRATEGIES = ("bidrop", "vanilla", "childtuning-d", "childtuning-f", "dps")
+# The Bi-Drop ablations by name: strategy "bidrop-<score>" is strategy "bidrop" with that score.
+ABLATIONS = {f"bidrop-{score}": score for score in SCORES if score != "product"}
 
 # Parameters of repeated transformer blocks: `encoder.layer.3.`, `layers.11.`, `h.0.`, `blocks.2.`.
 DEFAULT_INCLUDE = (r"(^|\.)(layer|layers|h|block|blocks)\.\d+\.",)
@@ -27,8 +31,13 @@ class BiDropConfig:
     Field metadata carries the help text used for the CLI flags (`add_config_arguments`).
     """
 
-    k: int = field(default=2, metadata={"help": "dropout passes per mini-batch (1 = vanilla fine-tuning)"})
-    p: float = field(default=0.3, metadata={"help": "fraction of eligible elements updated each step, in (0, 1]"})
+    strategy: str = field(default="bidrop", metadata={
+        "help": f"mask rule: one of {', '.join(STRATEGIES)}, or an ablation {', '.join(ABLATIONS)} "
+                "(bidrop with that score)"})
+    k: int | None = field(default=None, metadata={
+        "help": "dropout passes per mini-batch (bidrop: default 2, 1 = vanilla fine-tuning; other strategies: 1)"})
+    p: float = field(default=0.3, metadata={
+        "help": "fraction of eligible elements updated each step (dps: of each parameter), in (0, 1]"})
     score: str = field(default="product", metadata={"help": f"element score: one of {', '.join(SCORES)}"})
     rescale: bool = field(default=False, metadata={"help": "divide the kept gradient of eligible elements by p (when a mask applies: k > 1 and p < 1)"})
     eps: float = field(default=1e-8, metadata={"help": "stabiliser in the score denominators, > 0"})
@@ -43,6 +52,12 @@ class BiDropConfig:
         default=None,
         metadata={"help": "seed of the per-pass dropout draws (None: torch's global RNG, in pass order)"},
     )
+    dps_window: int = field(default=10, metadata={
+        "help": "dps: steps per phase (U full-update steps gathering Fisher, then U masked steps)"})
+    max_consecutive_skips: int = field(default=10, metadata={
+        "help": "stop with SkipLimitError after this many non-finite steps in a row (0: never stop)"})
+    allow_no_dropout: bool = field(default=False, metadata={
+        "help": "let bidrop (k > 1) run on a model without active dropout, with a warning instead of an error"})
 
     def __post_init__(self) -> None:
         # Lists from JSON or callers become tuples, so the config stays hashable and immutable.
@@ -51,8 +66,20 @@ class BiDropConfig:
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
                 _fail(name, value, "a list of regular expressions")
             object.__setattr__(self, name, tuple(value))
+        _check(isinstance(self.strategy, str) and (self.strategy in STRATEGIES or self.strategy in ABLATIONS),
+               "strategy", self.strategy, f"one of {', '.join(STRATEGIES + tuple(ABLATIONS))}")
+        if self.strategy in ABLATIONS:  # normalise the alias: strategy "bidrop" with that score
+            ablated = ABLATIONS[self.strategy]
+            _check(self.score in ("product", ablated), "score", self.score,
+                   f"{ablated!r} (or unset) with strategy {self.strategy!r}")
+            object.__setattr__(self, "strategy", "bidrop")
+            object.__setattr__(self, "score", ablated)
+        if self.k is None:
+            object.__setattr__(self, "k", 2 if self.strategy == "bidrop" else 1)
         _check(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k", self.k,
                "an integer >= 1 (1 means vanilla fine-tuning)")
+        _check(self.strategy == "bidrop" or self.k == 1, "k", self.k,
+               f"1 with strategy {self.strategy!r} (only bidrop runs several passes per batch)")
         _check(_is_real(self.p) and 0.0 < self.p <= 1.0, "p", self.p, "a number in (0, 1]")
         _check(self.score in SCORES, "score", self.score, f"one of {', '.join(SCORES)}")
         _check(isinstance(self.rescale, bool), "rescale", self.rescale, "true or false")
@@ -60,6 +87,10 @@ class BiDropConfig:
                "a finite number > 0")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
                "seed", self.seed, "null or an integer")
+        _check(_is_int(self.dps_window) and self.dps_window >= 1, "dps_window", self.dps_window, "an integer >= 1")
+        _check(_is_int(self.max_consecutive_skips) and self.max_consecutive_skips >= 0, "max_consecutive_skips",
+               self.max_consecutive_skips, "an integer >= 0 (0: never stop)")
+        _check(isinstance(self.allow_no_dropout, bool), "allow_no_dropout", self.allow_no_dropout, "true or false")
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 if not isinstance(pattern, str):
@@ -68,6 +99,13 @@ class BiDropConfig:
                     re.compile(pattern)
                 except re.error as err:
                     _fail(name, pattern, f"a valid regular expression ({err})")
+
+    @property
+    def masking(self) -> bool:
+        """Whether steps are masked at all: vanilla, and bidrop with k = 1 or p = 1, are not."""
+        if self.strategy == "bidrop":
+            return self.k > 1 and self.p < 1.0
+        return self.strategy != "vanilla" and self.p < 1.0
 
     def is_eligible(self, name: str) -> bool:
         """Whether the parameter called `name` (as `named_parameters()` gives it) may be masked."""
@@ -124,16 +162,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bidrop_config", metavar="FILE.json", help="Bi-Drop settings as JSON (BiDropConfig keys)")
     for f in fields(BiDropConfig):
         default = f.default
-        helptext = f"{f.metadata['help']} (default: {default})"
+        helptext = f.metadata["help"] + ("" if f.name == "k" else f" (default: {default})")
         if f.name in ("include", "exclude"):
             group.add_argument(f"--{f.name}", nargs="*", metavar="REGEX", help=helptext)
-        elif f.name == "rescale":
-            group.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name in ("rescale", "allow_no_dropout"):
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif f.name == "score":
             group.add_argument("--score", choices=SCORES, help=helptext)
+        elif f.name == "strategy":
+            group.add_argument("--strategy", choices=STRATEGIES + tuple(ABLATIONS), help=helptext)
         else:
-            kind = {"k": int, "seed": int}.get(f.name, float)
+            kind = float if f.name in ("p", "eps") else int
             group.add_argument(f"--{f.name}", type=kind, help=helptext)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:

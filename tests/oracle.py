@@ -63,3 +63,15 @@ def assert_mask_matches(mask: torch.Tensor, oracle: OracleStep, ignore: torch.Te
         differ &= ~ignore
     hard = differ & ~borderline(oracle, rel)
     assert not hard.any(), f"{int(differ.sum())} mask elements differ from the oracle, {int(hard.sum())} not borderline"
+
+
+def top_p_mask(scores: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(mask of the n = max(1, ceil(p N)) largest scores with ties at tau kept, tau), float64 sort."""
+    n = max(1, math.ceil(Fraction(str(p)) * scores.numel()))
+    tau = torch.sort(scores.double(), descending=True).values[n - 1].item()
+    return scores >= tau, tau
+
+
+def near_threshold(scores: torch.Tensor, tau: float, rel: float = 1e-5) -> torch.Tensor:
+    """Elements whose float64 score is so close to tau that fp32 accumulation may put them either side."""
+    return (scores - tau).abs() <= rel * abs(tau)

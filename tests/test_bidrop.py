@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bidrop_ds import BiDrop, BiDropConfig
-from bidrop_ds.bidrop import derive_seed
+from bidrop_ds.bidrop import SkipLimitError, derive_seed
 from tests.models import random_batch, split_chunks, tiny_bert
 from tests.oracle import assert_mask_matches
 from tests.replay import replay_step
@@ -229,3 +229,31 @@ def test_state_dict_round_trip():
     other = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, seed=3))
     other.load_state_dict(bidrop.state_dict())
     assert other.step_index == 1 and math.isfinite(other.step(random_batch(1)).loss)
+
+
+def test_a_model_without_dropout_is_refused_unless_allowed(caplog):
+    model = tiny_bert(dropout=0.0)
+    with pytest.raises(ValueError, match="no dropout module with p > 0.*allow_no_dropout=True"):
+        BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2))
+    with caplog.at_level("WARNING"):
+        BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, allow_no_dropout=True))
+    assert "running anyway" in caplog.text
+    BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=1))  # one pass: no need
+
+
+def test_too_many_skips_in_a_row_stop_the_run():
+    model = tiny_bert(seed=6)
+    bidrop = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, max_consecutive_skips=3))
+
+    def nan_loss(module, batch):
+        return module(**batch).loss * float("nan")
+
+    bidrop.step(random_batch(0), loss_fn=nan_loss)
+    assert not bidrop.step(random_batch(1)).skipped and bidrop.consecutive_skips == 0  # a good step resets
+    for step in range(2):
+        assert bidrop.step(random_batch(step), loss_fn=nan_loss).skipped
+    with pytest.raises(SkipLimitError, match="3 steps in a row .*steps 2..4.*max_consecutive_skips"):
+        bidrop.step(random_batch(4), loss_fn=nan_loss)
+    assert bidrop.skipped_steps == 4
+    never = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, max_consecutive_skips=0))
+    assert all(never.step(random_batch(s), loss_fn=nan_loss).skipped for s in range(12))

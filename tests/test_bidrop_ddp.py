@@ -68,3 +68,17 @@ def test_ddp_matches_oracle_on_both_ranks():
             for fraction, oracle_kept, total in r["kept"]:
                 assert abs(fraction - oracle_kept / total) < 2e-4
         assert torch.equal(per_rank[0]["params"], per_rank[1]["params"]), "ranks diverged"
+
+
+def _mismatched_configs(rank: int, world_size: int) -> str:
+    model = DistributedDataParallel(tiny_bert(seed=0))
+    try:
+        BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(p=0.3 if rank == 0 else 0.5))
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+def test_ranks_with_different_settings_fail_at_construction():
+    for message in run_distributed(_mismatched_configs, world_size=2, timeout_s=120):
+        assert "the 2 ranks disagree on the Bi-Drop config" in message, message

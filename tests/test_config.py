@@ -146,3 +146,42 @@ def test_from_args_validates():
     """A bad value given by flag is rejected by the same validation."""
     with pytest.raises(ValueError, match="BiDropConfig.p = 2.0"):
         _parse(["--p", "2"])
+
+
+def test_strategies_and_their_pass_counts():
+    """k defaults to 2 for bidrop and 1 for the one-pass strategies; a conflicting k is refused."""
+    assert BiDropConfig().k == 2
+    for name in ("vanilla", "childtuning-d", "childtuning-f", "dps"):
+        assert BiDropConfig(strategy=name).k == 1
+        with pytest.raises(ValueError, match=f"BiDropConfig.k = 2 .*strategy '{name}'"):
+            BiDropConfig(strategy=name, k=2)
+    assert not BiDropConfig(strategy="vanilla").masking and BiDropConfig(strategy="dps").masking
+    assert not BiDropConfig(k=1).masking and not BiDropConfig(p=1).masking
+
+
+@pytest.mark.parametrize("alias,score,other", [("bidrop-perturbation", "perturbation", "scaling"),
+                                               ("bidrop-scaling", "scaling", "random"),
+                                               ("bidrop-random", "random", "perturbation")])
+def test_ablation_names_are_bidrop_with_that_score(alias, score, other):
+    cfg = BiDropConfig(strategy=alias)
+    assert (cfg.strategy, cfg.score, cfg.k) == ("bidrop", score, 2)
+    assert BiDropConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=f"BiDropConfig.score = '{other}' .*{alias}"):
+        BiDropConfig(strategy=alias, score=other)
+
+
+@pytest.mark.parametrize("field,value", [("strategy", "childtuning"), ("strategy", None), ("dps_window", 0),
+                                         ("dps_window", 2.0), ("max_consecutive_skips", -1),
+                                         ("max_consecutive_skips", True), ("allow_no_dropout", "no")])
+def test_invalid_strategy_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"BiDropConfig.{field} ="):
+        BiDropConfig(**{field: value})
+
+
+def test_strategy_flags():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--strategy", "bidrop-random", "--max_consecutive_skips", "3", "--allow_no_dropout"])
+    cfg = BiDropConfig.from_args(args)
+    assert (cfg.strategy, cfg.score, cfg.max_consecutive_skips, cfg.allow_no_dropout) == ("bidrop", "random", 3, True)
+    assert BiDropConfig.from_args(parser.parse_args(["--strategy", "dps", "--dps_window", "4"])).dps_window == 4

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from bidrop_ds.comm import ProcessGroupCommunicator
-from bidrop_ds.backends.partition import Fragment, ShardedBackend
+from bidrop_ds.backends.partition import Fragment, ShardedBackend, module_parameters
 from bidrop_ds.config import BiDropConfig
 
 VERIFIED_DEEPSPEED = ("0.19.5", "0.20")  # [low, high)
@@ -208,7 +208,7 @@ class DeepSpeedBackend(ShardedBackend):
         self.rank = dist.get_rank()
         group = getattr(engine.optimizer, "dp_process_group", None) or engine.data_parallel_group
         super().__init__(partition, config, torch.device(engine.device), ProcessGroupCommunicator(group),
-                         selects_locally=getattr(partition, "selects_locally", False))
+                         module_parameters(engine.module), selects_locally=getattr(partition, "selects_locally", False))
 
     def check_chunks(self, chunks: int) -> None:
         gas = self.engine.gradient_accumulation_steps()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from bidrop_ds.backends.partition import Fragment, ShardedBackend
+from bidrop_ds.backends.partition import Fragment, ShardedBackend, module_parameters
 from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.config import BiDropConfig
 
@@ -78,7 +78,7 @@ class Fsdp2Backend(ShardedBackend):
         shards = Fsdp2Shards(model, config)
         self.rank = dist.get_rank()
         super().__init__(shards, config, shards.params[0].to_local().device,
-                         ProcessGroupCommunicator(shards.mesh.get_group()))
+                         ProcessGroupCommunicator(shards.mesh.get_group()), module_parameters(model))
 
     def check_chunks(self, chunks: int) -> None:
         """Any number of chunks works: each pass averages them."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator
@@ -22,6 +23,23 @@ class Fragment:
     offset: int     # where it sits in the flat partition
     numel: int      # valid elements (partition padding excluded)
     eligible: bool
+
+
+@dataclass(frozen=True)
+class ParameterSlice:
+    """Where this rank holds the elements of one eligible parameter, in its flat layout (strategies
+    that rank elements per parameter, like DPS, select over these on every rank in the same order)."""
+
+    name: str
+    numel: int                          # elements of the whole parameter, over all ranks
+    ranges: tuple[tuple[int, int], ...]  # [start, end) in this rank's flat layout; empty if none
+
+
+def module_parameters(module: nn.Module) -> list[tuple[str, int]]:
+    """(name, full element count) of every trainable parameter, in the order all ranks share
+    (a ZeRO-3 partitioned parameter reports its full size in `ds_numel`)."""
+    return [(name, int(getattr(param, "ds_numel", param.numel())))
+            for name, param in module.named_parameters() if param.requires_grad]
 
 
 def ineligible_ranges(total: int, keep: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -54,8 +72,10 @@ class ShardedBackend:
     parameters (and padding) get a negative score, which the selection skips and the mask keeps."""
 
     def __init__(self, partition: Partition, config: BiDropConfig, device: torch.device,
-                 agreement_comm: Communicator, selects_locally: bool = False) -> None:
+                 agreement_comm: Communicator, parameters: list[tuple[str, int]],
+                 selects_locally: bool = False) -> None:
         self.partition = partition
+        self._parameters = [(name, numel) for name, numel in parameters if config.is_eligible(name)]
         self.numel = partition.numel
         self.device = device
         self.agreement_comm = agreement_comm
@@ -71,6 +91,14 @@ class ShardedBackend:
                              f"no trainable parameter (names look like {names}); adjust the patterns")
         self._ineligible = ineligible_ranges(self.numel, [(f.offset, f.offset + f.numel)
                                                           for f in partition.fragments if f.eligible])
+
+    def parameter_slices(self) -> list[ParameterSlice]:
+        """Every eligible parameter (same list on every rank) with the ranges this rank holds."""
+        held: dict[str, list[tuple[int, int]]] = {}
+        for f in self.partition.fragments:
+            if f.eligible and f.numel:
+                held.setdefault(f.name, []).append((f.offset, f.offset + f.numel))
+        return [ParameterSlice(name, numel, tuple(held.get(name, ()))) for name, numel in self._parameters]
 
     def pass_gradient(self) -> list[torch.Tensor]:
         return self.partition.segments()
@@ -88,6 +116,10 @@ class ShardedBackend:
 
     def others_finite(self) -> bool:
         return True  # every trainable element is in the statistics
+
+    def discard_gradients(self) -> None:
+        """Zero this pass's gradient without any optimizer step (Fisher estimation batches)."""
+        torch._foreach_zero_(self.partition.segments())
 
     def write_gradients(self, update: torch.Tensor, passes: int) -> None:
         segments = [t.view(-1) for t in self.partition.segments()]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bidrop_ds.backends.partition import ParameterSlice
 from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator
@@ -32,6 +33,7 @@ class TorchBackend:
         module = model.module if self.is_ddp else model
         named = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
         self.eligible = [param for name, param in named if config.is_eligible(name)]
+        self.eligible_names = [name for name, _ in named if config.is_eligible(name)]
         self.others = [param for name, param in named if not config.is_eligible(name)]
         if not self.eligible:
             raise ValueError(
@@ -58,6 +60,14 @@ class TorchBackend:
         # Ranks could only disagree on skipping through a bug, but the decision is still collective.
         self.agreement_comm: Communicator = (ProcessGroupCommunicator() if self.world_size > 1
                                              else LocalCommunicator())
+
+    def parameter_slices(self) -> list[ParameterSlice]:
+        """Each eligible parameter and its range in the flat buffer (every rank holds all of it)."""
+        out, offset = [], 0
+        for name, param in zip(self.eligible_names, self.eligible):
+            out.append(ParameterSlice(name, param.numel(), ((offset, offset + param.numel()),)))
+            offset += param.numel()
+        return out
 
     def check_chunks(self, chunks: int) -> None:
         """Any number of chunks works: each pass averages them."""
@@ -118,6 +128,10 @@ class TorchBackend:
         """Set every grad to None, so that an optimizer step leaves all parameters and state alone."""
         for param in self.eligible + self.others:
             param.grad = None
+
+    def discard_gradients(self) -> None:
+        """Drop this pass's gradients without an optimizer step (Fisher estimation batches)."""
+        self.skip_step()
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -43,18 +42,6 @@ from bidrop_ds.config import BiDropConfig
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "bidrop_state.json"
-DROPOUT_CONFIG_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout", "attention_dropout",
-                       "dropout", "dropout_rate", "resid_pdrop", "attn_pdrop", "embd_pdrop", "classifier_dropout")
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    """Whether the k passes can differ: a dropout module with p > 0, or a dropout rate > 0 in the config
-    (attention dropout is often applied functionally)."""
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-        return True
-    config = getattr(model, "config", None)
-    return any(isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) > 0
-               for key in DROPOUT_CONFIG_KEYS)
 
 
 class BiDropTrainerMixin:
@@ -207,11 +194,6 @@ class BiDropTrainerMixin:
         if self.args.optim in ("lomo", "adalomo"):
             raise NotImplementedError("BiDrop Trainer: LOMO optimizers step inside backward; Bi-Drop needs "
                                       "all k passes before the step")
-        core = self.accelerator.unwrap_model(model)
-        if not _has_dropout(core):
-            warnings.warn(f"BiDrop Trainer: {type(core).__name__} has no dropout with p > 0, so the "
-                          f"{self.bidrop_config.k} passes are identical and the perturbation factor has no spread to measure; "
-                          "Bi-Drop needs dropout on", UserWarning, stacklevel=3)
         if is_deepspeed_engine(model):
             self._bidrop_check_deepspeed_windows(model)
             bidrop = BiDrop(model, config=self.bidrop_config)

@@ -128,7 +128,8 @@ def test_resume_continues_the_seeded_run(tmp_path: Path) -> None:
 
     straight, straight_model = run(tmp_path / "straight")
     saved = json.loads((tmp_path / "straight" / "checkpoint-2" / STATE_NAME).read_text())
-    assert saved == {"step_index": 2, "skipped_steps": 0, "config": config.to_dict()}
+    assert saved == {"step_index": 2, "skipped_steps": 0, "consecutive_skips": 0, "config": config.to_dict(),
+                     "strategy": {}}
     resumed, resumed_model = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
     assert resumed.bidrop.step_index == straight.bidrop.step_index == 4
     for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
@@ -174,7 +175,7 @@ def test_misuse(tmp_path: Path) -> None:
     trainer = BiDropTrainer(model=tiny_bert(0, dropout=0.0),
                             args=training_args(tmp_path, gradient_accumulation_steps=1),
                             train_dataset=Rows(), bidrop_config=BiDropConfig(k=2))
-    with pytest.warns(UserWarning, match="no dropout"):
+    with pytest.raises(ValueError, match="no dropout module with p > 0.*allow_no_dropout=True"):
         trainer.train()
     # under DeepSpeed an epoch must fill whole accumulation windows (checked before the first step)
     trainer = BiDropTrainer(model=tiny_bert(0), args=training_args(tmp_path), train_dataset=Rows(),

@@ -1,0 +1,60 @@
+"""What every mask rule shares: the outcome of a step's decision and the one agreement collective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from bidrop_ds.bidrop import BiDrop
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A step's decision: eligible elements updated (over all ranks) and the threshold, if one."""
+
+    kept: int
+    threshold: float | None = None
+
+
+class MaskRule(Protocol):
+    """Turns the folded passes (`bidrop.stats`) into the update, in place of `bidrop.stats.mean`.
+
+    `decide` runs on every rank with the same `step`; it must agree with the other ranks on whether
+    the step is finite (returning None on every rank if not) and must not touch the gradients."""
+
+    def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def agree(bidrop: "BiDrop", finite: bool, kept_local: int = 0) -> tuple[bool, int]:
+    """One all-reduce: whether every rank is finite, and `kept_local` summed over the ranks that
+    own distinct elements (a replica, holding every element, keeps its own count)."""
+    backend = bidrop.backend
+    sharded = backend.selection_comm is backend.agreement_comm
+    flags = torch.tensor([0 if finite else 1, kept_local if sharded else 0], dtype=torch.int64,
+                         device=backend.device)
+    backend.agreement_comm.all_reduce_sum(flags)
+    return int(flags[0]) == 0, int(flags[1]) if sharded else kept_local
+
+
+class Unmasked:
+    """Vanilla fine-tuning (and Bi-Drop with k = 1 or p = 1): the update is the mean gradient."""
+
+    def __init__(self, bidrop: "BiDrop") -> None:
+        self.bidrop = bidrop
+
+    def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
+        finite, _ = agree(self.bidrop, finite)
+        return Outcome(kept=self.bidrop.backend.total_numel) if finite else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""

@@ -1,0 +1,45 @@
+"""Bi-Drop's rule: score each element from the k passes, keep the global top p (ties kept)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from bidrop_ds.core import global_threshold, kept_count, scores_into_m2
+from bidrop_ds.strategies.base import Outcome, agree
+
+if TYPE_CHECKING:
+    from bidrop_ds.bidrop import BiDrop
+
+
+class BiDropRule:
+    """Scores in place of M2, one exact global threshold, the mean masked (and optionally / p)."""
+
+    def __init__(self, bidrop: "BiDrop") -> None:
+        self.bidrop = bidrop
+        self.n = kept_count(bidrop.config.p, bidrop.backend.total_numel)
+
+    def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
+        bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
+        generator = bidrop.mask_generator(step) if config.score == "random" else None
+        scores = scores_into_m2(bidrop.stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
+        backend.mark_ineligible(scores, -1.0)  # negative: not a candidate
+        found = global_threshold(scores, self.n, backend.selection_comm, not finite)
+        finite = finite and found is not None
+        if backend.selection_comm is not backend.agreement_comm:
+            finite, _ = agree(bidrop, finite)  # the selection did not already carry the flag
+        if not finite:
+            return None
+        update = bidrop.stats.mean
+        if config.rescale:  # the kept eligible elements only (ineligible ones score -1)
+            torch.where(scores >= found.value, update / config.p, update, out=update)
+        backend.mark_ineligible(scores, float("inf"))  # ineligible: always kept
+        update.masked_fill_(scores < found.value, 0.0)
+        return Outcome(kept=found.kept, threshold=found.value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the mask is step-wise."""
