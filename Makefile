@@ -21,8 +21,11 @@ $(STAMP): $(PY) setup.py constraints.txt Makefile
 
 install: $(STAMP)
 
+# The main job: vanilla vs Bi-Drop on 2 CPU ranks under DeepSpeed ZeRO-2, offline MiniLM on the VADER
+# movie snippets, then the comparison table. Finished runs are kept in runs/demo (rm -rf it to rerun).
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) launch/finetune.py $(DEMO_ARGS)
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) launch/run_suite.py --out runs/demo --strategies vanilla bidrop \
+		--tasks vader-movie --seeds 0 --ranks 2 --deepspeed ds_configs/zero2_fp32.json -- --train_size 2048 $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

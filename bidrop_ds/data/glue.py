@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 import datasets
 import numpy as np
 
-from bidrop_ds.data.text import read_tsv_rows
+from bidrop_ds.data.text import MalformedRows, check_bad_rows, read_tsv_rows
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,23 @@ _LAYOUTS: dict[str, _Layout] = {
 }
 
 
-def load_glue(task: str, data_dir: str | os.PathLike[str] | None = None) -> datasets.DatasetDict:
+def load_glue(task: str, data_dir: str | os.PathLike[str] | None = None,
+              bad_rows: str = "error") -> datasets.DatasetDict:
     """Train and validation (GLUE dev) splits of `task`, with the hub's columns: the text columns
     of `TASKS[task]`, `label` (ClassLabel, or float32 for STS-B) and `idx`.
 
     Without `data_dir` this is `datasets.load_dataset("nyu-mll/glue", task)` (also has a test split
-    whose labels are -1). Malformed TSV rows raise ValueError naming file and line.
+    whose labels are -1; `bad_rows` does not apply). From TSV files, a malformed row (wrong column
+    count, bad label, empty text, not UTF-8) raises ValueError naming file and line, or with
+    `bad_rows="skip"` is dropped and counted in a logged warning; a file without examples (an
+    empty split) is always an error.
     """
     spec = task_spec(task)
+    check_bad_rows(bad_rows)
     if data_dir is None:
         return datasets.load_dataset("nyu-mll/glue", task)
     folder = Path(data_dir) / _LAYOUTS[task].folder
-    return datasets.DatasetDict({split: _read_tsv(task, spec, folder / f"{stem}.tsv")
+    return datasets.DatasetDict({split: _read_tsv(task, spec, folder / f"{stem}.tsv", split, bad_rows)
                                  for split, stem in (("train", "train"), ("validation", "dev"))})
 
 
@@ -79,39 +84,49 @@ def task_spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
-def _read_tsv(task: str, spec: TaskSpec, path: Path) -> datasets.Dataset:
-    """One official GLUE TSV file (tab-separated, no quoting) as a Dataset."""
+def _read_tsv(task: str, spec: TaskSpec, path: Path, split: str, bad_rows: str) -> datasets.Dataset:
+    """One official GLUE TSV file (tab-separated, no quoting) as a Dataset; malformed rows as
+    `bad_rows` says (`load_glue`), a missing or bad header and an empty split always raise."""
     if not path.is_file():
         raise FileNotFoundError(f"GLUE {task}: missing {path}")
-    rows = read_tsv_rows(path)
+    malformed = MalformedRows(path, bad_rows)
+    rows = read_tsv_rows(path, malformed)
     layout = _LAYOUTS[task]
     header, columns = layout.header, layout.columns
-    first_line = 1
     if header is None:
-        if not rows:
-            raise ValueError(f"{path}: empty file (expected a header)")
-        header, rows, first_line = tuple(rows[0]), rows[1:], 2
+        first = next(rows, None)
+        if first is None or first[0] != 1:  # an empty file, or line 1 skipped as not UTF-8
+            raise ValueError(f"{path}:1: expected a header line naming the columns ({', '.join(columns.values())}), "
+                             f"found {'an empty file' if first is None else 'a line that is not valid UTF-8'}")
+        header = tuple(first[1])
         missing = [c for c in columns.values() if c not in header]
         if missing:
             raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)}; found {header}")
-    if not rows:
-        raise ValueError(f"{path}: no examples (an empty split)")
     width, index = len(header), {hub: header.index(tsv) for hub, tsv in columns.items()}
     convert, allowed = _label_parser(spec, layout.named_labels)
     data: dict[str, list] = {name: [] for name in (*spec.text_columns, "label", "idx")}
-    for number, fields in enumerate(rows, start=first_line):
+    for number, fields in rows:
         if len(fields) != width:
-            raise ValueError(f"{path}:{number}: expected {width} tab-separated columns, found {len(fields)}")
-        for name in spec.text_columns:
-            if not fields[index[name]].strip():
-                raise ValueError(f"{path}:{number}: empty {name}")
-            data[name].append(fields[index[name]])
+            malformed.flag(number, f"expected {width} tab-separated columns, found {len(fields)}")
+            continue
+        empty = [name for name in spec.text_columns if not fields[index[name]].strip()]
+        if empty:
+            malformed.flag(number, f"empty {' and '.join(empty)}")
+            continue
         raw_label = fields[index["label"]]
         try:
-            data["label"].append(convert(raw_label))
+            label = convert(raw_label)
         except ValueError:
-            raise ValueError(f"{path}:{number}: bad label {raw_label!r} (expected {allowed})") from None
+            malformed.flag(number, f"bad label {raw_label!r} (expected {allowed})")
+            continue
+        for name in spec.text_columns:
+            data[name].append(fields[index[name]])
+        data["label"].append(label)
         data["idx"].append(len(data["idx"]))
+    skipped = malformed.finish()
+    if not data["idx"]:
+        raise ValueError(f"{path}: no examples (the GLUE {task} {split} split is empty"
+                         + (f"; malformed rows skipped: {skipped})" if skipped else ")"))
     label_feature = (datasets.Value("float32") if spec.is_regression
                      else datasets.ClassLabel(names=list(spec.label_names)))
     features = datasets.Features({**{name: datasets.Value("string") for name in spec.text_columns},

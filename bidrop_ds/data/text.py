@@ -1,10 +1,12 @@
-"""Helpers shared by the data sets: reading TSV files, tokenising, batching."""
+"""Helpers shared by the data sets: reading TSV files (with a policy for malformed rows),
+tokenising, batching."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import datasets
 import torch
@@ -12,22 +14,71 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 Batch = dict[str, torch.Tensor]
 
+BAD_ROWS = ("error", "skip")  # what the readers do with a malformed row
 
-def read_tsv_rows(path: str | os.PathLike[str]) -> list[list[str]]:
-    """The tab-separated fields of each line of a UTF-8 file (no quoting; CRLF or LF; a leading
-    byte-order mark and one final newline are ignored). Bad UTF-8 raises ValueError naming file
-    and line. Lines are split on "\\n" only: `str.splitlines` would also split inside a field at
-    characters such as \\x0b, \\x1c or U+2028."""
-    raw = Path(path).read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from None
-    lines = content.split("\n")
-    if lines[-1] == "":
+logger = logging.getLogger(__name__)
+
+
+def check_bad_rows(bad_rows: str) -> str:
+    """`bad_rows` if it is a known policy, else ValueError listing them."""
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows={bad_rows!r}: expected one of {', '.join(map(repr, BAD_ROWS))}")
+    return bad_rows
+
+
+class MalformedRows:
+    """The malformed rows of one file under a `bad_rows` policy.
+
+    "error": `flag` raises ValueError "FILE:LINE: problem" at the first one, so a corrupted file is
+    never silently trained on. "skip": `flag` counts them; `finish` logs one warning (count, first
+    line and reason) so that skipping is never silent either.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], bad_rows: str = "error") -> None:
+        self.path, self.policy = path, check_bad_rows(bad_rows)
+        self.count = 0
+        self.first: tuple[int, str] | None = None  # (line, problem) of the first malformed row
+
+    def flag(self, line: int, problem: str) -> None:
+        """Report a malformed row at 1-based `line`: raise ("error") or count it ("skip")."""
+        if self.policy == "error":
+            raise ValueError(f"{self.path}:{line}: {problem}; fix or delete that line, or skip malformed rows "
+                             "with bad_rows='skip' (finetune.py: --bad_rows skip)")
+        self.count += 1
+        if self.first is None:
+            self.first = (line, problem)
+
+    def finish(self) -> int:
+        """Log the warning for skipped rows (if any) and return how many were skipped."""
+        if self.first is not None:
+            line, problem = self.first
+            logger.warning("skipped %d malformed row%s in %s (first at line %d: %s)",
+                           self.count, "" if self.count == 1 else "s", self.path, line, problem)
+        return self.count
+
+
+def read_tsv_rows(path: str | os.PathLike[str],
+                  malformed: MalformedRows | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, tab-separated fields) of each line of a UTF-8 file, in order (no
+    quoting; CRLF or LF; a leading byte-order mark and one final newline are ignored).
+
+    A line that is not valid UTF-8 goes to `malformed` (default: raise ValueError naming file and
+    line); decoding line by line keeps the other lines and the line numbers. Lines are split on
+    "\\n" only: `str.splitlines` would also split inside a field at characters such as \\x0b,
+    \\x1c or U+2028 (and "\\n" never occurs inside a multi-byte UTF-8 character).
+    """
+    malformed = malformed if malformed is not None else MalformedRows(path)
+    lines = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    if lines[-1] == b"":
         lines.pop()
-    return [line.removesuffix("\r").split("\t") for line in lines]
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            malformed.flag(number, f"not valid UTF-8 ({raw[err.start:err.start + 1]!r} at byte {err.start + 1} "
+                                   f"of the line: {err.reason})")
+            continue
+        yield number, line.removesuffix("\r").split("\t")
 
 
 def tokenize(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase,

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import datasets
 
-from bidrop_ds.data.text import read_tsv_rows
+from bidrop_ds.data.text import MalformedRows, read_tsv_rows
 
 SDIST = "vaderSentiment==3.3.2"
 _SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
@@ -74,29 +74,34 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "bidrop_ds" / "vader"
 
 
-def read_ratings(path: str | os.PathLike[str]) -> list[Rated]:
+def read_ratings(path: str | os.PathLike[str], bad_rows: str = "error") -> list[Rated]:
     """Parse a GroundTruth file (UTF-8, tab-separated `id, rating, text`, CRLF or LF, no header).
 
-    Raises ValueError naming the file and 1-based line for a malformed row, so a truncated or
-    corrupted download is reported, not silently trained on.
+    A malformed row (not 3 columns, a rating that is not a number in [-4, 4], an empty id or text,
+    not UTF-8) raises ValueError naming the file and 1-based line (`bad_rows="error"`), so a
+    truncated or corrupted download is reported, not silently trained on; `bad_rows="skip"` drops
+    such rows and logs how many. A file without any valid row is always an error.
     """
+    malformed = MalformedRows(path, bad_rows)
     rows = []
-    for number, fields in enumerate(read_tsv_rows(path), start=1):
+    for number, fields in read_tsv_rows(path, malformed):
         if len(fields) != 3:
-            raise ValueError(f"{path}:{number}: expected 3 tab-separated columns (id, rating, text), "
-                             f"found {len(fields)}")
+            malformed.flag(number, f"expected 3 tab-separated columns (id, rating, text), found {len(fields)}")
+            continue
         ident, rating_text, text = fields
         try:
             rating = float(rating_text)
         except ValueError:
             rating = math.nan
         if not -4.0 <= rating <= 4.0:
-            raise ValueError(f"{path}:{number}: rating {rating_text!r} is not a number in [-4, 4]")
-        if not ident.strip() or not text.strip():
-            raise ValueError(f"{path}:{number}: empty {'id' if not ident.strip() else 'text'}")
-        rows.append(Rated(ident, rating, text))
+            malformed.flag(number, f"rating {rating_text!r} is not a number in [-4, 4]")
+        elif not ident.strip() or not text.strip():
+            malformed.flag(number, f"empty {'id' if not ident.strip() else 'text'}")
+        else:
+            rows.append(Rated(ident, rating, text))
+    skipped = malformed.finish()
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{path}: no rows" + (f" (malformed rows skipped: {skipped})" if skipped else ""))
     return rows
 
 
@@ -177,18 +182,20 @@ def _read_member(archive: tarfile.TarFile, name: str, source: Path) -> bytes:
 
 
 def sentiment_splits(domain: str = "movie", min_abs_rating: float = 0.5, seed: int = 0,
-                     cache_dir: str | os.PathLike[str] | None = None) -> datasets.DatasetDict:
+                     cache_dir: str | os.PathLike[str] | None = None,
+                     bad_rows: str = "error") -> datasets.DatasetDict:
     """Binary sentiment train/validation/test splits of one VADER domain (rule in the module doc).
 
     Columns: `text`, `label` (0 negative, 1 positive), `rating` (mean human rating), `id`.
+    `bad_rows` is passed to `read_ratings`; too few rows for three non-empty splits is an error.
     """
-    rows = [r for r in read_ratings(ground_truth_file(ensure_vader_data(cache_dir), domain))
-            if abs(r.rating) >= min_abs_rating]
+    path = ground_truth_file(ensure_vader_data(cache_dir), domain)
+    rows = [r for r in read_ratings(path, bad_rows) if abs(r.rating) >= min_abs_rating]
     random.Random(seed).shuffle(rows)
     cut = len(rows) // 10
     if cut == 0:
-        raise ValueError(f"VADER {domain}: only {len(rows)} rows with |rating| >= {min_abs_rating}; "
-                         "need at least 10 for a 80/10/10 split")
+        raise ValueError(f"VADER {domain} ({path}): only {len(rows)} rows with |rating| >= {min_abs_rating}; "
+                         "need at least 10 for a 80/10/10 split (the validation and test splits would be empty)")
     splits = {"train": rows[2 * cut:], "validation": rows[:cut], "test": rows[cut:2 * cut]}
     return datasets.DatasetDict({
         name: datasets.Dataset.from_dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -94,18 +95,63 @@ def test_crlf_files_load(tmp_path: Path) -> None:
     assert load_glue("sst2", tmp_path)["train"]["sentence"] == ["fine ."]
 
 
-@pytest.mark.parametrize("task, bad_row, problem", [
+MALFORMED = [  # task, bad row, problem
     ("cola", "gj04\t1\tOnly three columns.", "expected 4 tab-separated columns, found 3"),
     ("sst2", "a sentence\tpositive", "bad label 'positive' (expected one of 0, 1)"),
     ("rte", "2\tA.\tB.\tcontradiction", "bad label 'contradiction' (expected one of entailment, not_entailment)"),
-    ("stsb", "2\tg\tf\ty\t9\tn\tn\tA.\tB.\tfive", "bad label 'five'"),
+    ("stsb", "2\tg\tf\ty\t9\tn\tn\tA.\tB.\tfive", "bad label 'five' (expected a finite number)"),
+    ("stsb", "2\tg\tf\ty\t9\tn\tn\tA.\tB.\tinf", "bad label 'inf' (expected a finite number)"),
     ("mrpc", "1\t1\t2\t \tB .", "empty sentence1"),
-])
+    ("mrpc", "1\t1\t2\t \t", "empty sentence1 and sentence2"),
+]
+
+
+@pytest.mark.parametrize("task, bad_row, problem", MALFORMED)
 def test_malformed_rows_name_file_and_line(tmp_path: Path, task: str, bad_row: str, problem: str) -> None:
     write_task(tmp_path, task, train=FILES[task][1] + [bad_row])
     line = len(FILES[task][1]) + 1
-    with pytest.raises(ValueError, match=rf"train\.tsv:{line}: .*{re.escape(problem)}"):
+    with pytest.raises(ValueError, match=rf"train\.tsv:{line}: {re.escape(problem)}; .*bad_rows='skip'"):
         load_glue(task, tmp_path)
+
+
+@pytest.mark.parametrize("task, bad_row, problem", MALFORMED)
+def test_malformed_rows_are_skipped_and_counted_on_request(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           task: str, bad_row: str, problem: str) -> None:
+    lines = FILES[task][1]
+    folder = write_task(tmp_path, task, train=[*lines[:2], bad_row, *lines[2:]])
+    clean = load_glue(task, write_task(tmp_path / "clean", task).parent)["train"]
+    with caplog.at_level(logging.WARNING, logger="bidrop_ds.data.text"):
+        splits = load_glue(task, tmp_path, bad_rows="skip")
+    assert splits["train"].to_dict() == clean.to_dict()  # idx stays 0, 1, ... over the rows kept
+    assert caplog.messages == [f"skipped 1 malformed row in {folder / 'train.tsv'} (first at line 3: {problem})"]
+
+
+def test_bad_utf8_is_a_malformed_row_with_its_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_task(tmp_path, "sst2")
+    (folder / "train.tsv").write_bytes(b"sentence\tlabel\nfine .\t1\ncaf\xe9 .\t1\r\nbad .\t0\n")
+    with pytest.raises(ValueError, match=re.escape("train.tsv:3: not valid UTF-8 (b'\\xe9' at byte 4 of the line: ")):
+        load_glue("sst2", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bidrop_ds.data.text"):
+        assert load_glue("sst2", tmp_path, bad_rows="skip")["train"]["sentence"] == ["fine .", "bad ."]
+    assert caplog.messages == [f"skipped 1 malformed row in {folder / 'train.tsv'} (first at line 3: not valid UTF-8 "
+                               "(b'\\xe9' at byte 4 of the line: invalid continuation byte))"]
+
+
+def test_skipping_never_hides_an_empty_split_or_a_bad_header(tmp_path: Path) -> None:
+    write_task(tmp_path, "rte", dev=["index\tsentence1\tsentence2\tlabel", "0\tA.\tB.\tmaybe", "1\tA."])
+    with pytest.raises(ValueError, match=re.escape("RTE/dev.tsv: no examples (the GLUE rte validation split is "
+                                                   "empty; malformed rows skipped: 2)")):
+        load_glue("rte", tmp_path, bad_rows="skip")
+    folder = write_task(tmp_path, "sst2")
+    (folder / "train.tsv").write_bytes(b"sent\xe9nce\tlabel\nfine .\t1\n")
+    with pytest.raises(ValueError, match=r"train\.tsv:1: expected a header line naming the columns "
+                                         r"\(sentence, label\), found a line that is not valid UTF-8"):
+        load_glue("sst2", tmp_path, bad_rows="skip")
+    (folder / "train.tsv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train\.tsv:1: expected a header line .* found an empty file"):
+        load_glue("sst2", tmp_path, bad_rows="skip")
+    with pytest.raises(ValueError, match="bad_rows='drop': expected one of 'error', 'skip'"):
+        load_glue("sst2", tmp_path, bad_rows="drop")
 
 
 def test_empty_split_missing_file_and_wrong_header_are_errors(tmp_path: Path) -> None:

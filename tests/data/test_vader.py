@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
@@ -47,6 +48,61 @@ def test_read_ratings_names_file_and_line(tmp_path: Path, line: bytes, problem: 
         read_ratings(path)
 
 
+# One malformed row of each kind between two good ones (lines 1 and 6), CRLF as published.
+MIXED = (b"1\t0.5\tfine\r\n"
+         b"2\t1.0\r\n"  # line 2: two columns
+         b"3\tgood\ttext\r\n"  # line 3: the rating is not a number
+         b"4\t-1\t \r\n"  # line 4: empty text
+         b"5\t1\tcaf\xe9 au lait\r\n"  # line 5: Latin-1, not UTF-8
+         b"6\t-2\talso fine")
+
+
+def test_read_ratings_skips_and_counts_malformed_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(MIXED)
+    with caplog.at_level(logging.WARNING, logger="bidrop_ds.data.text"):
+        rows = read_ratings(path, bad_rows="skip")
+    assert rows == [Rated("1", 0.5, "fine"), Rated("6", -2.0, "also fine")]
+    assert caplog.messages == [f"skipped 4 malformed rows in {path} (first at line 2: expected 3 tab-separated "
+                               "columns (id, rating, text), found 2)"]
+
+
+def test_read_ratings_errors_at_the_first_malformed_row_and_says_how_to_skip(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(MIXED)
+    with pytest.raises(ValueError) as raised:
+        read_ratings(path)  # the default is bad_rows="error"
+    assert str(raised.value) == (f"{path}:2: expected 3 tab-separated columns (id, rating, text), found 2; fix or "
+                                 "delete that line, or skip malformed rows with bad_rows='skip' (finetune.py: "
+                                 "--bad_rows skip)")
+    path.write_bytes(b"1\t0.5\tfine\n5\t1\tcaf\xe9\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid UTF-8 (b'\\xe9' at byte 8 of the line: ")):
+        read_ratings(path)
+
+
+def test_a_file_of_only_malformed_rows_is_an_error_even_when_skipping(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"1\tx\ttext\n2\t1.0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no rows (malformed rows skipped: 2)")):
+        read_ratings(path, bad_rows="skip")
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no rows")):
+        read_ratings(path, bad_rows="skip")
+    with pytest.raises(ValueError, match="bad_rows='ignore': expected one of 'error', 'skip'"):
+        read_ratings(path, bad_rows="ignore")
+
+
+def test_sentiment_splits_pass_bad_rows_through(tmp_path: Path) -> None:
+    rows = [(f"m{i}", 1.5 if i % 2 else -1.5, f"sentence {i}") for i in range(20)]
+    rows[7] = ("m7", "n/a", "an unrated sentence")  # line 8
+    write_ground_truth(tmp_path, {"movie": rows})
+    with pytest.raises(ValueError, match=r"movieReviewSnippets_GroundTruth\.txt:8: rating 'n/a' is not a number"):
+        sentiment_splits("movie", cache_dir=tmp_path)
+    splits = sentiment_splits("movie", cache_dir=tmp_path, bad_rows="skip")
+    assert {name: len(s) for name, s in splits.items()} == {"train": 17, "validation": 1, "test": 1}
+    assert "m7" not in [i for split in splits.values() for i in split["id"]]
+
+
 def test_sentiment_splits_labels_filter_and_determinism(tmp_path: Path) -> None:
     ratings = [(-3.0 + 0.25 * i) for i in range(25)]  # -3.0 .. 3.0; -0.25, 0, 0.25 are near-neutral
     rows = [(f"m{i}", r, f"sentence {i}") for i, r in enumerate(ratings)]
@@ -71,7 +127,7 @@ def test_sentiment_splits_rejects_unknown_domain_and_too_few_rows(tmp_path: Path
     write_ground_truth(tmp_path, {"nyt": [(str(i), 1.0, "x") for i in range(9)]})
     with pytest.raises(ValueError, match="unknown VADER domain 'imdb'"):
         sentiment_splits("imdb", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="only 9 rows"):
+    with pytest.raises(ValueError, match=r"VADER nyt \(.*nytEditorialSnippets_GroundTruth\.txt\): only 9 rows"):
         sentiment_splits("nyt", cache_dir=tmp_path)
 
 

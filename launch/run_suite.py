@@ -1,0 +1,332 @@
+"""Run strategies x tasks x seeds with launch/finetune.py and tabulate the held-out scores.
+
+Each run is one finetune.py process (or one `torchrun` of N ranks with --deepspeed) writing its
+summary JSON under OUT/runs/; a run whose JSON exists is skipped, so an interrupted suite resumes
+where it stopped. At the end (and with --report_only) the summaries are aggregated into
+OUT/results.md and OUT/results.csv (mean, std and max over seeds per task and held-out set, and
+the average over them) and plotted: OUT/scores.png (score by strategy, every seed shown) and
+OUT/kept_by_layer.png (Bi-Drop's kept fraction per layer over training).
+
+    python launch/run_suite.py --out runs/main --strategies vanilla bidrop childtuning-d childtuning-f dps \\
+        --tasks vader-movie-lowres-1000 vader-transfer --seeds 0 1 2 3 4
+    python launch/run_suite.py --out runs/k --strategies bidrop --sweep k=2,4,8 --seeds 0 1 2
+    python launch/run_suite.py --out runs/demo --strategies vanilla bidrop --ranks 2 \\
+        --deepspeed ds_configs/zero2_fp32.json -- --train_size 2048
+
+Arguments after `--` go to every finetune.py run (e.g. --train_size, --epochs, --lr, --model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from bidrop_ds.config import ABLATIONS, STRATEGIES  # noqa: E402
+
+FINETUNE = Path(__file__).resolve().parent / "finetune.py"
+MULTI_PASS = {"bidrop", *ABLATIONS}  # the strategies whose k may be swept
+SWEEPABLE = {"k", "p", "batch_size", "lr", "dps_window", "train_size", "chunks", "epochs"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the suite."""
+
+    task: str
+    strategy: str
+    variant: tuple[tuple[str, str], ...]  # swept settings, e.g. (("k", "4"),)
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The row of the table: the strategy and its swept settings."""
+        return self.strategy + "".join(f" {key}={value}" for key, value in self.variant)
+
+    @property
+    def run_id(self) -> str:
+        suffix = "".join(f"-{key}{value}" for key, value in self.variant)
+        return f"{self.task}/{self.strategy}{suffix}/seed{self.seed}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for runs/, logs/, results.md/.csv and the plots")
+    parser.add_argument("--strategies", nargs="+", default=["vanilla", "bidrop"],
+                        choices=STRATEGIES + tuple(ABLATIONS), metavar="NAME",
+                        help=f"any of {', '.join(STRATEGIES + tuple(ABLATIONS))}")
+    parser.add_argument("--tasks", nargs="+", default=["vader-movie"], help="finetune.py --task names")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="each seeds the head's init, the batch order and the dropout/mask draws")
+    parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                        help=f"run every value of one setting ({', '.join(sorted(SWEEPABLE))}); repeat for a grid; "
+                             "k applies to the Bi-Drop strategies only")
+    parser.add_argument("--ranks", type=int, default=1, help="processes per run (> 1 needs --deepspeed)")
+    parser.add_argument("--deepspeed", metavar="FILE.json", default=None, help="DeepSpeed config for every run")
+    parser.add_argument("--log_every", type=int, default=10, help="kept fraction per layer every N steps")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP threads per process (default: the CPU cores / ranks)")
+    parser.add_argument("--report_only", action="store_true", help="tabulate and plot the finished runs only")
+    args = parser.parse_args(own)
+    if args.ranks < 1 or (args.ranks > 1 and not args.deepspeed):
+        parser.error("--ranks N > 1 runs DeepSpeed ranks: give --deepspeed FILE.json (ds_configs/zero2_fp32.json)")
+    try:
+        args.grid = parse_sweeps(args.sweep)
+    except ValueError as err:
+        parser.error(str(err))
+    return args, extra
+
+
+def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """["k=2,4", "p=0.1,0.3"] -> [("k", ["2", "4"]), ("p", ["0.1", "0.3"])], validated."""
+    grid = []
+    for sweep in sweeps:
+        name, _, values = sweep.partition("=")
+        if name not in SWEEPABLE or not values:
+            raise ValueError(f"--sweep {sweep!r}: expected NAME=V1,V2,... with NAME one of {', '.join(sorted(SWEEPABLE))}")
+        if name in dict(grid):
+            raise ValueError(f"--sweep {name} given twice")
+        grid.append((name, [v for v in values.split(",") if v]))
+    return grid
+
+
+def plan(tasks: list[str], strategies: list[str], grid: list[tuple[str, list[str]]], seeds: list[int]) -> list[Run]:
+    """Every run of the suite, in order; a sweep of k leaves the one-pass strategies at their default."""
+    runs: list[Run] = []
+    for task in tasks:
+        for strategy in strategies:
+            variants: list[tuple[tuple[str, str], ...]] = [()]
+            for name, values in grid:
+                if name == "k" and strategy not in MULTI_PASS:
+                    continue
+                variants = [variant + ((name, value),) for variant in variants for value in values]
+            runs += [Run(task, strategy, variant, seed) for variant in variants for seed in seeds]
+    return runs
+
+
+def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) -> list[str]:
+    """The finetune.py command line of one run."""
+    launcher = [sys.executable]
+    if args.ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks)]
+    cmd = launcher + [str(FINETUNE), "--task", run.task, "--strategy", run.strategy, "--train_seed", str(run.seed),
+                      "--seed", str(run.seed), "--log_every", str(args.log_every), "--output_json", str(output)]
+    if args.deepspeed:
+        cmd += ["--deepspeed", args.deepspeed]
+    for name, value in run.variant:
+        cmd += [f"--{name}", value]
+    return cmd + extra
+
+
+def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Path) -> list[str]:
+    """Run what is not finished yet; returns the ids that failed (their logs say why)."""
+    env = dict(os.environ)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
+    env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    if args.deepspeed:
+        env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    todo = [run for run in runs if not result_path(out, run).exists()]
+    print(f"run_suite: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go "
+          f"(logs in {out / 'logs'})", flush=True)
+    failed = []
+    bar = tqdm(todo, desc="runs", unit="run", dynamic_ncols=True, position=0)
+    for run in bar:
+        bar.set_postfix_str(run.run_id)
+        output, log = result_path(out, run), out / "logs" / f"{run.run_id}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_suffix(".partial.json")
+        started = time.perf_counter()
+        with open(log, "w", encoding="utf-8") as handle:  # the steps' progress bar stays on the terminal
+            code = subprocess.call(command(run, args, extra, partial), stdout=handle, env=env)
+        if code == 0 and partial.exists():
+            partial.replace(output)  # only a finished run leaves its JSON: a rerun skips it
+            summary = json.loads(output.read_text(encoding="utf-8"))
+            metric = summary.get("headline_metric", "")
+            tqdm.write(f"done {run.run_id}: {metric}={summary.get(metric, math.nan):.4f} "
+                       f"in {time.perf_counter() - started:.0f}s")
+        else:
+            failed.append(run.run_id)
+            tqdm.write(f"FAILED {run.run_id} (exit {code}); see {log}")
+    return failed
+
+
+def result_path(out: Path, run: Run) -> Path:
+    return out / "runs" / f"{run.run_id}.json"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----- the report ---------------------------------------------------------------------------------
+
+def score_columns(summary: dict[str, Any], task: str) -> dict[str, float]:
+    """The headline metric of every held-out set of one run: {"task": x, "task/tweets": y, ...}."""
+    metric = summary["headline_metric"]
+    columns = {task: summary[metric]}
+    for name in list(summary.get("eval_sets", {}))[1:]:
+        columns[f"{task}/{name}"] = summary[f"{name}_{metric}"]
+    return columns
+
+
+def collect(runs: list[Run], out: Path) -> tuple[dict[tuple[str, str], list[float]], dict[str, str]]:
+    """{(row label, column): [score per finished seed]} and {column: metric name}."""
+    scores: dict[tuple[str, str], list[float]] = {}
+    metrics: dict[str, str] = {}
+    for run in runs:
+        path = result_path(out, run)
+        if not path.exists():
+            continue
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        for column, value in score_columns(summary, run.task).items():
+            scores.setdefault((run.label, column), []).append(float(value))
+            metrics[column] = summary["headline_metric"]
+    return scores, metrics
+
+
+def aggregate(runs: list[Run], out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Rows of (label, column, seeds, mean, std, max); the row labels and columns in plan order."""
+    scores, metrics = collect(runs, out)
+    labels = list(dict.fromkeys(run.label for run in runs))
+    columns = list(dict.fromkeys(column for (_, column) in scores))
+    rows = []
+    for label in labels:
+        for column in columns:
+            values = scores.get((label, column), [])
+            if values:
+                rows.append({"strategy": label, "column": column, "metric": metrics[column], "seeds": len(values),
+                             "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                             "max": max(values), "values": values})
+    return rows, labels, columns
+
+
+def markdown_table(rows: list[dict[str, Any]], labels: list[str], columns: list[str]) -> str:
+    """mean ± std (max) per strategy and column, and the average of the means over the columns."""
+    cell = {(r["strategy"], r["column"]): r for r in rows}
+    metric = {r["column"]: r["metric"] for r in rows}
+    head = ["strategy"] + [f"{c} ({metric[c]})" for c in columns] + (["average"] if len(columns) > 1 else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        found = [cell.get((label, c)) for c in columns]
+        if not any(found):
+            continue
+        texts = [f"{r['mean'] * 100:.2f} ± {r['std'] * 100:.2f} ({r['max'] * 100:.2f}, n={r['seeds']})" if r else "–"
+                 for r in found]
+        if len(columns) > 1:
+            means = [r["mean"] for r in found if r]
+            texts.append(f"{statistics.fmean(means) * 100:.2f}" if len(means) == len(columns) else "–")
+        lines.append("| " + " | ".join([label] + texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[Run], out: Path, command_line: str) -> str:
+    rows, labels, columns = aggregate(runs, out)
+    if not rows:
+        return "run_suite: no finished run to report\n"
+    table = markdown_table(rows, labels, columns)
+    text = (f"# Results\n\nScores x 100 on the held-out sets: mean ± std over seeds (max over seeds, n = seeds).\n\n"
+            f"{table}\nCommand: `{command_line}`\n")
+    (out / "results.md").write_text(text, encoding="utf-8")
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["strategy", "column", "metric", "seeds", "mean", "std", "max", "values"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "values": " ".join(f"{v:.6f}" for v in row["values"])})
+    plot_scores(rows, labels, columns, out / "scores.png")
+    plot_kept_by_layer(runs, out, out / "kept_by_layer.png")
+    return table
+
+
+def plot_scores(rows: list[dict[str, Any]], labels: list[str], columns: list[str], path: Path) -> None:
+    """One panel per task/held-out set: each seed's score as a dot, the mean ± std as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = {(r["strategy"], r["column"]): r for r in rows}
+    shown = [label for label in labels if any((label, c) in cell for c in columns)]
+    fig, axes = plt.subplots(1, len(columns), figsize=(max(4.0, 1.1 * len(shown)) * len(columns), 4.0), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for x, label in enumerate(shown):
+            row = cell.get((label, column))
+            if row is None:
+                continue
+            ax.bar(x, row["mean"], yerr=row["std"], color="#9ecae1", edgecolor="#3182bd", capsize=3)
+            ax.scatter([x] * len(row["values"]), row["values"], color="#08306b", s=10, zorder=3)
+        values = [v for label in shown if (label, column) in cell for v in cell[(label, column)]["values"]]
+        low, high = min(values), max(values)
+        ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right")
+        ax.set_title(column)
+        ax.set_ylabel(rows[0]["metric"] if len(columns) == 1 else cell[(shown[0], column)]["metric"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_kept_by_layer(runs: list[Run], out: Path, path: Path) -> None:
+    """Bi-Drop's kept fraction per layer over the steps of its first finished run (seed order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for run in runs:
+        if run.strategy == "bidrop" and result_path(out, run).exists():
+            summary = json.loads(result_path(out, run).read_text(encoding="utf-8"))
+            if summary.get("layer_kept"):
+                break
+    else:
+        return
+    steps = [step for step, _ in summary["layer_kept"]]
+    layers = list(summary["layer_kept"][0][1])
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for layer in layers:
+        ax.plot(steps, [fractions[layer] for _, fractions in summary["layer_kept"]], label=layer)
+    ax.axhline(summary["bidrop"]["p"], color="grey", linestyle=":", label="p")
+    ax.set_xlabel("step")
+    ax.set_ylabel("kept fraction")
+    ax.set_title(f"Bi-Drop kept fraction per layer ({run.run_id})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(args.tasks, args.strategies, args.grid, args.seeds)
+    failed = [] if args.report_only else execute(runs, args, extra, out)
+    command_line = "python launch/run_suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(write_report(runs, out, command_line), flush=True)
+    if failed:
+        print(f"run_suite: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
