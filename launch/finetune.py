@@ -54,8 +54,8 @@ from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute
 
 SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only the training
 # gloo reports a vanished or silent peer as a plain RuntimeError ("Connection closed by peer",
-# "Timed out waiting 5000ms for recv operation") whose text names its gloo source file.
-GLOO_FAILURE = re.compile(r"gloo/|Connection (closed|reset) by peer|Timed out waiting")
+# "Connection reset by peer", "Timed out waiting 5000ms for recv operation to complete").
+GLOO_FAILURE = re.compile(r"Connection (closed|reset) by peer|Connection refused|Timed out waiting")
 DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 

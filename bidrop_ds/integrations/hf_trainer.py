@@ -102,8 +102,10 @@ class BiDropTrainerMixin:
         state = self.bidrop.state_dict() if self.bidrop is not None else self._bidrop_resume_state
         if state is not None and self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, STATE_NAME), "w", encoding="utf-8") as f:
+            path = os.path.join(output_dir, STATE_NAME)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:  # a killed writer leaves no half file
                 json.dump(state, f, indent=2)
+            os.replace(path + ".tmp", path)
 
     # ----- the step ------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
