@@ -124,18 +124,20 @@ class BiDrop:
         logger.warning(message.split(". Enable")[0] + "; running anyway (allow_no_dropout=True)")
 
     def _check_ranks_agree(self) -> None:
-        """All ranks must run the same settings on the same element count and dtype: one all-reduce
+        """All ranks must run the same settings on the same element count and dtypes: one all-reduce
         of a fingerprint, so a mismatch fails at construction, not as a hang or a silent divergence."""
-        dtype = str(self.stats.mean.dtype)
-        fingerprint = f"{self.config.to_json()}|{type(self.backend).__name__}|{self.backend.total_numel}|{dtype}"
+        module = getattr(self.model, "module", self.model)
+        dtypes = sorted({str(param.dtype) for param in module.parameters() if param.requires_grad})
+        fingerprint = f"{self.config.to_json()}|{type(self.backend).__name__}|{self.backend.total_numel}|{dtypes}"
         value = int.from_bytes(hashlib.blake2b(fingerprint.encode(), digest_size=4).digest(), "little") >> 1
         probe = torch.tensor([value, 1], dtype=torch.int64, device=self.backend.device)
         self.backend.agreement_comm.all_reduce_sum(probe)
         ranks = int(probe[1])
         if int(probe[0]) != value * ranks:
-            raise ValueError(f"BiDrop: the {ranks} ranks disagree on the Bi-Drop config, the backend or the "
-                             f"eligible element count (this rank: {type(self.backend).__name__}, "
-                             f"{self.backend.total_numel} eligible elements, config {self.config.to_dict()}); "
+            raise ValueError(f"BiDrop: the {ranks} ranks disagree on the Bi-Drop config, the backend, the "
+                             f"eligible element count or the parameter dtypes (this rank: "
+                             f"{type(self.backend).__name__}, {self.backend.total_numel} eligible elements, "
+                             f"dtypes {dtypes}, config {self.config.to_dict()}); "
                              "launch every rank with the same settings and model")
 
     def _make_backend(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):

@@ -70,15 +70,21 @@ def test_ddp_matches_oracle_on_both_ranks():
         assert torch.equal(per_rank[0]["params"], per_rank[1]["params"]), "ranks diverged"
 
 
-def _mismatched_configs(rank: int, world_size: int) -> str:
-    model = DistributedDataParallel(tiny_bert(seed=0))
-    try:
-        BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(p=0.3 if rank == 0 else 0.5))
-    except ValueError as err:
-        return str(err)
-    return "accepted"
+def _mismatched_ranks(rank: int, world_size: int) -> list[str]:
+    """Rank 1 differs: first in p, then in the parameters' dtype; each must fail on both ranks."""
+    out = []
+    for p, dtype in ((0.3 if rank == 0 else 0.5, torch.float32), (0.3, torch.float32 if rank == 0 else torch.float64)):
+        model = tiny_bert(seed=0).to(dtype)
+        try:
+            BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(p=p))
+            out.append("accepted")
+        except ValueError as err:
+            out.append(str(err))
+    return out
 
 
 def test_ranks_with_different_settings_fail_at_construction():
-    for message in run_distributed(_mismatched_configs, world_size=2, timeout_s=120):
-        assert "the 2 ranks disagree on the Bi-Drop config" in message, message
+    for messages in run_distributed(_mismatched_ranks, world_size=2, timeout_s=120):
+        assert len(messages) == 2
+        for message in messages:
+            assert "the 2 ranks disagree on the Bi-Drop config" in message, message
