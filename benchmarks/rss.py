@@ -29,6 +29,7 @@ def rank_max(value: float) -> float:
     """The largest value over the ranks (the value itself without a process group)."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # nccl reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())

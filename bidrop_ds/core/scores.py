@@ -5,38 +5,109 @@
   score = F_per * F_sca  ("product", default) | F_per ("perturbation") | F_sca ("scaling")
         | uniform random ("random", an ablation)
 
-Scores are non-negative (or +inf), which the selection relies on.
+Scores are non-negative (or +inf), which the selection relies on. The work runs over chunks of
+CHUNK elements on CPU (two chunk-sized buffers, the operands stay in cache), so the scores cost one
+read of the mean, M2 and |theta| and one write of M2, with no full-size temporary.
 """
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
 
+from bidrop_ds.core.ranges import complement
 from bidrop_ds.core.stats import PassStatistics
 
+CHUNK = {"cpu": 1 << 16}  # elements per step; elsewhere DEFAULT_CHUNK
+DEFAULT_CHUNK = 1 << 24
 
-def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor, kind: str, eps: float,
-                   generator: torch.Generator | None = None, grad_scale: float = 1.0) -> torch.Tensor:
+
+def _spans(pieces: Sequence[torch.Tensor], keep: list[tuple[int, int]], device: torch.device
+           ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, the matching slice of the pieces' concatenation) covering the `keep` ranges,
+    each span inside one piece and at most one chunk long."""
+    step = CHUNK.get(device.type, DEFAULT_CHUNK)
+    flats, offsets, offset = [piece.reshape(-1) for piece in pieces], [], 0
+    for flat in flats:
+        offsets.append(offset)
+        offset += flat.numel()
+    for lo, hi in keep:
+        for flat, base in zip(flats, offsets):
+            first, last = max(lo, base), min(hi, base + flat.numel())
+            for start in range(first, last, step):
+                end = min(start + step, last)
+                yield start, end, flat[start - base:end - base]
+
+
+def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch.Tensor], kind: str,
+                   eps: float, generator: torch.Generator | None = None, grad_scale: float = 1.0,
+                   ineligible: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Compute the scores in place of `stats.m2` (no longer needed after the last pass) and return it.
 
-    `abs_param` is |theta| over the same elements (fp32 or any float dtype). Writing into M2 keeps
-    the plugin's state at two fp32 buffers: the mean survives, since it is the update.
+    `abs_param` is |theta| over the same elements (any float dtype), or a list of tensors whose
+    concatenation is (no flat copy needed); the absolute value is taken here, so the signed
+    parameters may be passed as well. Writing into M2 keeps the plugin's state at two fp32
+    buffers: the mean survives, since it is the update.
     `grad_scale` is the factor the folded gradients carry (an fp16 loss scale, say): eps is added in
     unscaled units (s + eps * scale), so F_per is exactly that of the unscaled gradients and the
     other factors only gain a uniform factor: the mask does not depend on the scale.
+    `ineligible`: (start, end) ranges of elements that are not candidates; they get the score -1
+    without being computed (what `mark_ineligible(scores, -1.0)` does afterwards, at no cost).
     """
     out, mean, k = stats.m2, stats.mean, stats.count
     if k < 1:
         raise ValueError("scores_into_m2: no pass has been folded into the statistics")
-    if kind == "random":
-        return out.uniform_(0.0, 1.0, generator=generator)
-    if kind in ("product", "perturbation"):
-        abs_mean = mean.abs()
-        out.div_(k).sqrt_().add_(eps * grad_scale)        # s + eps (in unscaled units)
-        torch.div(abs_mean, out, out=out)                 # F_per
-        if kind == "product":                             # F_per * F_sca (no overflow in between)
-            out.mul_(abs_mean.div_(abs_param.float().add(eps)))
-        return out
-    if kind == "scaling":
-        return torch.div(mean.abs(), abs_param.float().add(eps), out=out)
-    raise ValueError(f"unknown score kind {kind!r}")
+    if kind not in ("product", "perturbation", "scaling", "random"):
+        raise ValueError(f"unknown score kind {kind!r}")
+    keep = complement(out.numel(), ineligible)
+    if kind == "random":  # drawn over all elements, so the draws do not depend on `ineligible`
+        out.uniform_(0.0, 1.0, generator=generator)
+        keep = []
+    pieces = [abs_param] if isinstance(abs_param, torch.Tensor) else list(abs_param)
+    if keep and sum(piece.numel() for piece in pieces) != out.numel():
+        raise ValueError(f"scores_into_m2: abs_param has {sum(p.numel() for p in pieces)} elements, "
+                         f"the statistics {out.numel()}")
+    step = min(CHUNK.get(out.device.type, DEFAULT_CHUNK), out.numel())
+    abs_mean = torch.empty(step, dtype=torch.float32, device=out.device)
+    abs_theta = torch.empty(step if kind != "perturbation" else 0, dtype=torch.float32, device=out.device)
+    spread_eps = eps * grad_scale
+    for start, end, theta in _spans(pieces, keep, out.device):
+        length = end - start
+        score, a = out[start:end], torch.abs(mean[start:end], out=abs_mean[:length])
+        if kind != "scaling":                                  # F_per = |m| / (s + eps)
+            score.div_(k).sqrt_().add_(spread_eps)             # s + eps (in unscaled units)
+            torch.div(a, score, out=score)
+        if kind != "perturbation":                             # F_sca = |m| / (|theta| + eps)
+            t = abs_theta[:length]
+            if theta.dtype == torch.float32:
+                torch.abs(theta, out=t)
+            else:
+                t.copy_(theta).abs_()
+            t.add_(eps)
+            if kind == "scaling":
+                torch.div(a, t, out=score)
+            else:
+                score.mul_(a.div_(t))                          # F_per * F_sca (no overflow in between)
+    for start, end in complement(out.numel(), complement(out.numel(), ineligible)):
+        out[start:end] = -1.0                                  # not candidates
+    return out
+
+
+def mask_update_(update: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """update *= (scores >= threshold), in place; `scores` is consumed (left holding 1.0 / 0.0).
+
+    The same as `update.masked_fill_(scores < threshold, 0.0)` except for the sign of the zeros
+    written (a dropped negative mean gives -0.0) and NaN scores (dropped here); several times
+    faster on CPU, where no boolean mask is built and the fill is not element by element.
+    """
+    if update.shape != scores.shape or scores.dtype != update.dtype:
+        raise ValueError(f"mask_update_: update {tuple(update.shape)} {update.dtype} and scores "
+                         f"{tuple(scores.shape)} {scores.dtype} must match")
+    step = CHUNK.get(update.device.type, DEFAULT_CHUNK)
+    flat_update, flat_scores = update.view(-1), scores.view(-1)
+    for start in range(0, flat_update.numel(), step):
+        keep = flat_scores[start:start + step]
+        torch.ge(keep, threshold, out=keep)
+        flat_update[start:start + step].mul_(keep)
+    return update

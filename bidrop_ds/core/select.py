@@ -1,27 +1,45 @@
 """The exact global Bi-Drop threshold: the n-th largest of N scores spread over ranks, ties kept.
 
-Scores are non-negative float32 (or +inf), so their IEEE-754 bit patterns read as integers sort
-exactly like the values. A radix select walks those 32 bits from the top, one byte per round:
-each rank histograms that byte of its candidates (scores whose higher bytes equal the prefix found
-so far), one all-reduce of the 256-bin histogram picks the byte value holding the n-th largest,
-and after four rounds the prefix is the threshold's bit pattern, exactly. Nothing but four
-histograms of 2 KiB crosses ranks; no score is gathered. The bytes are read through a uint8 view
-of the scores (no shifted copies); a round's temporaries are at most 2 bytes per element.
+Scores are non-negative float32 (or +inf), so their IEEE-754 bit patterns read as int32 sort
+exactly like the values; a pattern with the sign bit set (a negative score) is not a candidate.
+A radix select finds the threshold's 31 bits from the top in four rounds, each one all-reduce of a
+small histogram (at most 1024 int64 counts, 8 KiB) that fixes the next bits of the prefix:
+
+1. One pass over the scores histograms the top FIRST bits of every candidate (15 on CPU, 9
+   elsewhere) locally. Round 1 all-reduces its top 9 bits (512 bins, plus the non-finite flag);
+   round 2 the remaining FIRST - 9 bits inside the chosen bin, read from the same local histogram.
+2. A second pass gathers the bit patterns whose top FIRST bits equal the prefix (on real scores a
+   few hundredths of a percent of them), unless there are too many (more than 1/COMPACT_DIVISOR of
+   the elements, e.g. heavy ties), in which case the later rounds read the scores again.
+3. The remaining bits take the remaining rounds, each a histogram of one bit field of the
+   candidates (a clamp to the prefix's range sends everything else to two ignored end bins).
+
+After the last round the prefix is the threshold's bit pattern, exactly. Nothing but these four
+histograms crosses ranks; no score is gathered. On CPU the passes run over chunks of CHUNK
+elements, so the temporaries stay in cache and are O(chunk); the gathered candidates (4 bytes each)
+are at most 1/COMPACT_DIVISOR of the elements.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 import torch
 
-NUM_BINS = 256
-# Columns of a float32's 4 bytes from the most significant down, in memory order.
-BYTES_HIGH_TO_LOW = (3, 2, 1, 0) if sys.byteorder == "little" else (0, 1, 2, 3)
+ROUNDS = 4
+FLAG_BITS = 9          # round 1: the top 9 bits (512 int64 counts) and the non-finite flag
+MAX_FIELD_BITS = 10    # any round: at most 1024 int64 counts (8 KiB) cross ranks
+INT32_MAX = (1 << 31) - 1
+# Per device type (others: the default). FIRST: bits histogrammed in the first pass (15 on CPU,
+# the two first rounds; 9 elsewhere, where a histogram of > 1000 bins would use global atomics).
+FIRST_BITS = {"cpu": 15}
+DEFAULT_FIRST_BITS = FLAG_BITS
+CHUNK = {"cpu": 1 << 18}   # elements per pass step; elsewhere 1 << 24
+DEFAULT_CHUNK = 1 << 24
+COMPACT_DIVISOR = 4        # gather the candidates if at most numel / 4 (<= 1 byte per element)
 
 
 class Communicator(Protocol):
@@ -52,11 +70,100 @@ class Threshold:
     kept: int
 
 
-def _score_bytes(scores: torch.Tensor) -> torch.Tensor:
-    """The scores' bytes as an (N, 4) uint8 view."""
-    if scores.dtype != torch.float32:
-        raise TypeError(f"select: scores must be float32, got {scores.dtype}")
-    return scores.contiguous().view(torch.uint8).view(-1, 4)
+def _spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
+    step = CHUNK.get(device.type, DEFAULT_CHUNK)
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
+def _pick(counts: list[int], remaining: int) -> tuple[int, int, int]:
+    """The bin holding the `remaining`-th largest (from the top bin down), its rank inside that
+    bin, and how many counted elements lie in the bins above it."""
+    above = 0
+    for digit in range(len(counts) - 1, -1, -1):
+        if counts[digit] >= remaining:
+            return digit, remaining, above
+        remaining -= counts[digit]
+        above += counts[digit]
+    raise AssertionError("select: histogram counts do not add up across ranks")
+
+
+def _fields(bits: int, rounds: int) -> list[int]:
+    """`bits` split into at most `rounds` fields of near-equal width, high first."""
+    out = []
+    for left in range(rounds, 0, -1):
+        width = -(-bits // left)
+        if width:
+            out.append(width)
+        bits -= width
+    return out
+
+
+def _plan(first: int) -> list[int]:
+    """The bit widths of the four rounds when the first pass histograms `first` bits."""
+    head = [FLAG_BITS] + ([first - FLAG_BITS] if first > FLAG_BITS else [])
+    plan = head + _fields(31 - max(first, FLAG_BITS), ROUNDS - len(head))
+    if first < FLAG_BITS or sum(plan) != 31 or max(plan) > MAX_FIELD_BITS:
+        raise ValueError(f"select: first-pass width {first} gives rounds {plan} (need 31 bits, "
+                         f"<= {MAX_FIELD_BITS} each)")
+    return plan
+
+
+def _first_pass(bits: torch.Tensor, first: int, local: torch.Tensor) -> None:
+    """local[1 + top `first` bits after the sign] += 1 per candidate; non-candidates go to local[0]."""
+    shift = 31 - first
+    spans = _spans(bits.numel(), bits.device)
+    buf = torch.empty(max((end - start for start, end in spans), default=0), dtype=torch.int32, device=bits.device)
+    cpu = bits.device.type == "cpu"
+    for start, end in spans:
+        key = torch.clamp(bits[start:end], min=-(1 << shift), out=buf[:end - start])  # negative -> -1 below
+        key.bitwise_right_shift_(shift).add_(1)
+        if cpu and int(key.max()) == 0:
+            continue  # a run of non-candidates (an ineligible parameter): nothing to count
+        local.add_(torch.bincount(key, minlength=local.numel()))
+
+
+def _gather(bits: torch.Tensor, shift: int, prefix: int) -> torch.Tensor:
+    """The bit patterns whose top bits (bits >> shift) equal `prefix`, gathered into a new tensor.
+
+    Per chunk: the hits as a byte mask, whose nonzero 8-byte words (scanned as int64) locate them."""
+    spans = _spans(bits.numel(), bits.device)
+    size = (max((end - start for start, end in spans), default=0) + 7) // 8 * 8
+    shifted = torch.empty(size, dtype=torch.int32, device=bits.device)
+    hit = torch.zeros(size, dtype=torch.uint8, device=bits.device)
+    lanes = torch.arange(8, device=bits.device)
+    found = []
+    for start, end in spans:
+        length = end - start
+        torch.bitwise_right_shift(bits[start:end], shift, out=shifted[:length])
+        torch.eq(shifted[:length], prefix, out=hit[:length])
+        hit[length:] = 0
+        words = hit.view(torch.int64).nonzero().view(-1)
+        if words.numel():
+            index = (words.unsqueeze(1) * 8 + lanes).view(-1)
+            index = index[hit[index].bool()]
+            found.append(bits[start:end].index_select(0, index))
+    if not found:
+        return bits.new_empty(0)
+    return found[0] if len(found) == 1 else torch.cat(found)
+
+
+def _field_histogram(values: torch.Tensor, low: int, shift: int, width: int, chunked: bool) -> torch.Tensor:
+    """Counts of the `width`-bit field above `shift` of the patterns in [low, low + 2^(shift+width)).
+
+    A clamp to [low - 2^shift, high] and a shift map those patterns to 1..2^width and everything
+    below (above) the range to 0 (2^width + 1): no mask, no index copy."""
+    bins = 1 << width
+    floor = low - (1 << shift)
+    high = min(low + (bins << shift), INT32_MAX)  # INT32_MAX itself, if in range, lands in its own bin
+    hist = torch.zeros(bins + 2, dtype=torch.int64, device=values.device)
+    spans = _spans(values.numel(), values.device) if chunked else [(0, values.numel())]
+    buf = torch.empty(max((end - start for start, end in spans), default=0), dtype=torch.int32,
+                      device=values.device)
+    for start, end in spans:
+        field = torch.clamp(values[start:end], floor, high, out=buf[:end - start])
+        field.sub_(floor).bitwise_right_shift_(shift)
+        hist.add_(torch.bincount(field, minlength=bins + 2))
+    return hist[1:bins + 1].clone()
 
 
 def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
@@ -66,43 +173,50 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
     Scores are >= 0 (or +inf); a negative score marks an element that is not a candidate (an
     ineligible parameter or padding inside a partition): it is neither counted in N nor kept.
 
-    Every rank must call this with the same n. `locally_nonfinite` says this rank's statistics are
-    poisoned: the flag rides in the first all-reduce, and if any rank raised it every rank returns
-    None (skip the step) without looking at its scores further. n must be in 1..N.
+    Every rank must call this with the same n (and on the same device type). `locally_nonfinite`
+    says this rank's statistics are poisoned: the flag rides in the first all-reduce, and if any
+    rank raised it every rank returns None (skip the step) without looking at its scores further.
+    n must be in 1..N. `scores` is only read.
     """
-    columns = _score_bytes(scores)
-    alive = None  # where the higher bytes equal the prefix (None: everywhere, in the first round)
-    prefix = 0
-    above = 0  # elements known to be strictly above the current prefix's range (global)
-    remaining = n  # rank of the threshold among the candidates, 1 = largest
-    for round_index, column in enumerate(BYTES_HIGH_TO_LOW):
-        digits = columns[:, column]
-        if round_index == 0 and locally_nonfinite:
-            hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=scores.device)
-        else:
-            hist = torch.bincount(digits if alive is None else digits[alive], minlength=NUM_BINS)
-        if round_index == 0:
-            flagged = torch.cat([hist, torch.tensor([int(locally_nonfinite)], device=hist.device)])
-            comm.all_reduce_sum(flagged)
-            if int(flagged[-1]) > 0:
-                return None
-            hist = flagged[:-1]
-        else:
-            comm.all_reduce_sum(hist)
+    if scores.dtype != torch.float32:
+        raise TypeError(f"select: scores must be float32, got {scores.dtype}")
+    bits = scores.contiguous().view(-1).view(torch.int32)
+    numel, device = bits.numel(), bits.device
+    first = FIRST_BITS.get(device.type, DEFAULT_FIRST_BITS)
+    plan = _plan(first)
+    local = torch.zeros((1 << first) + 1, dtype=torch.int64, device=device)
+    if not locally_nonfinite:
+        _first_pass(bits, first, local)
+    candidates = local[1:]
+    top = candidates.view(1 << FLAG_BITS, -1).sum(1) if first > FLAG_BITS else candidates
+    flagged = torch.cat([top, torch.tensor([int(locally_nonfinite)], dtype=torch.int64, device=device)])
+    comm.all_reduce_sum(flagged)
+    counts = flagged.tolist()
+    if counts.pop() > 0:
+        return None
+    if not 1 <= n <= sum(counts):
+        raise ValueError(f"select: n = {n} is outside 1..N = {sum(counts)}")
+    digit, remaining, above = _pick(counts, n)
+    prefix, known, rounds = digit, FLAG_BITS, 1
+    if first > FLAG_BITS:  # round 2 from the same local histogram: the sub-bins of the chosen bin
+        width = first - FLAG_BITS
+        sub = candidates[digit << width:(digit + 1) << width].clone()
+        comm.all_reduce_sum(sub)
+        counts = sub.tolist()
+        digit, remaining, more = _pick(counts, remaining)
+        prefix, known, rounds, above = (prefix << width) | digit, first, 2, above + more
+    left = 31 - known  # bits still unknown; local[1 + prefix] of this rank's elements share the prefix
+    if int(local[1 + prefix]) * COMPACT_DIVISOR <= numel:
+        values, chunked = _gather(bits, left, prefix), False
+    else:  # too many to gather (heavy ties): the later rounds read all the scores again
+        values, chunked = bits, True
+    for width in plan[rounds:]:
+        shift = left - width
+        hist = _field_histogram(values, prefix << left, shift, width, chunked)
+        comm.all_reduce_sum(hist)
         counts = hist.tolist()
-        if round_index == 0:
-            counts[NUM_BINS // 2:] = [0] * (NUM_BINS // 2)  # sign bit set: not a candidate
-            if not 1 <= n <= sum(counts):
-                raise ValueError(f"select: n = {n} is outside 1..N = {sum(counts)}")
-        for digit in range(NUM_BINS - 1, -1, -1):
-            if counts[digit] >= remaining:
-                break
-            remaining -= counts[digit]
-            above += counts[digit]
-        prefix = (prefix << 8) | digit
-        if round_index < len(BYTES_HIGH_TO_LOW) - 1:
-            same = digits == digit
-            alive = same if alive is None else alive.logical_and_(same)
+        digit, remaining, more = _pick(counts, remaining)
+        prefix, left, above = (prefix << width) | digit, shift, above + more
     # The prefix is now the full bit pattern of tau; counts[digit] are the elements equal to it.
-    value = torch.tensor([prefix - (1 << 32) if prefix >= 1 << 31 else prefix], dtype=torch.int32)
-    return Threshold(value=value.view(torch.float32).item(), kept=above + counts[digit])
+    value = torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
+    return Threshold(value=value, kept=above + counts[digit])

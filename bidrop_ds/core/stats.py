@@ -12,6 +12,10 @@ from typing import Sequence
 
 import torch
 
+# On CPU, gradient pieces longer than this are folded chunk by chunk through one reused buffer
+# (cache-resident, no full-size temporary); elsewhere, and for shorter pieces, torch._foreach_*.
+CHUNK = {"cpu": 1 << 16}
+
 
 class PassStatistics:
     """Running mean and M2 = sum_j (g_j - mean)^2 over the passes folded in so far."""
@@ -29,7 +33,8 @@ class PassStatistics:
 
     def update(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Fold in one pass's gradient: a flat tensor as long as the buffers, or a list of tensors
-        (views where the gradient lives) whose concatenation is, handled with `torch._foreach_*`.
+        (views where the gradient lives) whose concatenation is, handled with `torch._foreach_*`
+        (on CPU, pieces longer than CHUNK chunk by chunk: the same arithmetic, bit for bit).
 
         With delta = g - mean_old: mean_new = mean_old + delta / n and
         M2 += delta * (g - mean_new) = delta^2 * (n - 1) / n, so one temporary suffices.
@@ -46,9 +51,24 @@ class PassStatistics:
             # First pass: mean = g exactly, M2 stays 0 (keeps k = 1 bit-identical to vanilla).
             torch._foreach_copy_(means, grads)
             return
+        alpha, weight = 1.0 / self.count, (self.count - 1) / self.count
+        step = CHUNK.get(self.mean.device.type)
+        long = [i for i, g in enumerate(grads) if step and g.numel() > step]
+        if long:  # the same operations as below, element for element, on cache-sized pieces
+            buffer = torch.empty(step, dtype=torch.float32, device=self.mean.device)
+            for i in long:
+                for start in range(0, sizes[i], step):
+                    end = min(start + step, sizes[i])
+                    delta = torch.sub(grads[i][start:end], means[i][start:end], out=buffer[:end - start])
+                    means[i][start:end].add_(delta, alpha=alpha)
+                    m2s[i][start:end].addcmul_(delta, delta, value=weight)
+            short = [i for i in range(len(grads)) if sizes[i] <= step]
+            grads, means, m2s = [grads[i] for i in short], [means[i] for i in short], [m2s[i] for i in short]
+            if not grads:
+                return
         delta = torch._foreach_sub([g.float() for g in grads], means)
-        torch._foreach_add_(means, delta, alpha=1.0 / self.count)
-        torch._foreach_addcmul_(m2s, delta, delta, value=(self.count - 1) / self.count)
+        torch._foreach_add_(means, delta, alpha=alpha)
+        torch._foreach_addcmul_(m2s, delta, delta, value=weight)
 
     def is_finite(self) -> bool:
         """False if any mean or M2 element is inf or NaN (a non-finite pass poisons both).

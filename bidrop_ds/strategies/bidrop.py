@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from bidrop_ds.core import global_threshold, kept_count, scores_into_m2
+from bidrop_ds.core.scores import mask_update_
 from bidrop_ds.strategies.base import Outcome, agree
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ class BiDropRule:
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
         bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
         generator = bidrop.mask_generator(step) if config.score == "random" else None
-        scores = scores_into_m2(bidrop.stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
-        backend.mark_ineligible(scores, -1.0)  # negative: not a candidate
+        scores = scores_into_m2(bidrop.stats, backend.abs_params(), config.score, config.eps, generator, grad_scale,
+                                ineligible=backend.ineligible_ranges)  # -1 there: not a candidate, not scored
         found = global_threshold(scores, self.n, backend.selection_comm, not finite)
         finite = finite and found is not None
         if backend.selection_comm is not backend.agreement_comm:
@@ -35,7 +36,7 @@ class BiDropRule:
         if config.rescale:  # the kept eligible elements only (ineligible ones score -1)
             torch.where(scores >= found.value, update / config.p, update, out=update)
         backend.mark_ineligible(scores, float("inf"))  # ineligible: always kept
-        update.masked_fill_(scores < found.value, 0.0)
+        mask_update_(update, scores, found.value)  # update *= (scores >= tau); the scores are consumed
         return Outcome(kept=found.kept, threshold=found.value)
 
     def state_dict(self) -> dict[str, Any]:

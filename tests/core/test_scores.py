@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bidrop_ds.core.scores import scores_into_m2
+from bidrop_ds.core import scores as scores_module
+from bidrop_ds.core.scores import mask_update_, scores_into_m2
 from bidrop_ds.core.stats import PassStatistics
 from tests.oracle import oracle_step
 
@@ -175,3 +176,66 @@ def test_grad_scale_makes_scores_scale_free(kind, case):
             assert torch.equal(scaled, expected), scale
         else:
             torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_pieces_and_signed_theta_give_the_same_scores(kind, monkeypatch):
+    """The chunked loop (any chunk size, on CPU), |theta| as a list of pieces (views where the
+    parameters live) and the signed theta all give exactly the scores of one flat |theta|."""
+    passes, theta = _case("mixed_scale", seed=11)
+    reference = scores_into_m2(_stats(passes), theta, kind, eps=1e-8).clone()
+    signed = theta * torch.where(torch.arange(N) % 3 == 0, -1.0, 1.0)
+    for chunk in (1, 7, 512, 1 << 20):
+        monkeypatch.setitem(scores_module.CHUNK, "cpu", chunk)
+        pieces = [signed[:5], signed[5:5], signed[5:1500].view(5, -1), signed[1500:]]
+        for abs_param in (theta, signed, pieces, [p.to(torch.float64) for p in pieces]):
+            got = scores_into_m2(_stats(passes), abs_param, kind, eps=1e-8)
+            assert torch.equal(got, reference), (chunk, type(abs_param))
+
+
+def test_theta_pieces_must_cover_the_statistics():
+    """Pieces that do not add up to the statistics' length: ValueError naming both sizes."""
+    with pytest.raises(ValueError, match="abs_param has 5 elements, the statistics 6"):
+        scores_into_m2(_stats([torch.ones(6), torch.zeros(6)]), [torch.ones(2), torch.ones(3)], "product", 1e-8)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 16])
+def test_mask_update_matches_masked_fill(chunk, monkeypatch):
+    """mask_update_ keeps update where score >= threshold and zeroes the rest (ties kept, +inf kept,
+    negative scores dropped), exactly like masked_fill_ up to the sign of the written zeros."""
+    monkeypatch.setitem(scores_module.CHUNK, "cpu", chunk)
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.rand(1003, generator=gen)
+    scores[::7] = 0.5
+    scores[::11] = float("inf")
+    scores[::13] = -1.0
+    update = torch.randn(1003, generator=gen)
+    expected = update.masked_fill(scores < 0.5, 0.0)
+    got = mask_update_(update, scores.clone(), 0.5)
+    assert got.data_ptr() == update.data_ptr()
+    assert torch.equal(got, expected) and torch.equal(got.abs(), expected.abs())
+    assert int((got != 0).sum()) == int((scores >= 0.5).sum())
+
+
+def test_mask_update_shape_check():
+    """update and scores must have the same shape and dtype."""
+    with pytest.raises(ValueError, match="must match"):
+        mask_update_(torch.zeros(3), torch.zeros(4), 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS + ["random"])
+def test_ineligible_ranges_score_minus_one(kind, monkeypatch):
+    """`ineligible` ranges (overlapping, unsorted, empty) get -1 without being computed; every other
+    element has exactly the score it gets without them (random: the same draws)."""
+    monkeypatch.setitem(scores_module.CHUNK, "cpu", 100)
+    passes, theta = _case("random", seed=5)
+    ranges = [(1500, 2000), (10, 10), (0, 3), (200, 450), (400, 700)]
+    generator = (lambda: torch.Generator().manual_seed(1)) if kind == "random" else (lambda: None)
+    reference = scores_into_m2(_stats(passes), theta, kind, 1e-8, generator()).clone()
+    got = scores_into_m2(_stats(passes), [theta[:1000], theta[1000:]], kind, 1e-8, generator(), ineligible=ranges)
+    marked = torch.zeros(N, dtype=torch.bool)
+    for start, end in ranges:
+        marked[start:end] = True
+    assert (got[marked] == -1.0).all() and torch.equal(got[~marked], reference[~marked])
+    with pytest.raises(ValueError, match="outside"):
+        scores_into_m2(_stats(passes), theta, kind, 1e-8, generator(), ineligible=[(5, N + 1)])

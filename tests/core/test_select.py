@@ -11,6 +11,7 @@ import torch
 
 from bidrop_ds.comm import ProcessGroupCommunicator, default_communicator
 from bidrop_ds.core import PassStatistics, scores_into_m2
+from bidrop_ds.core import select
 from bidrop_ds.core.select import LocalCommunicator, Threshold, global_threshold, kept_count
 from tests.distributed import run_distributed
 from tests.oracle import assert_mask_matches, oracle_step
@@ -25,6 +26,43 @@ def _reference(scores: torch.Tensor, n: int) -> tuple[float, int]:
     candidates = scores[~scores.signbit()].double()
     tau = torch.sort(candidates, descending=True).values[n - 1].item()
     return tau, int((candidates >= tau).sum())
+
+
+# Selection settings that exercise every path: (first-pass bits, chunk, compaction divisor).
+# "cpu" is the CPU default; "cuda_plan" the plan used on other devices (9 bits first); "no_gather"
+# forces the later rounds to re-read all scores; "tiny_chunks" splits every pass into many chunks.
+SETTINGS = {
+    "cpu": (15, 1 << 18, 4),
+    "cuda_plan": (9, 1 << 18, 4),
+    "wide_first": (12, 1 << 18, 4),
+    "no_gather": (15, 1 << 18, 10**12),
+    "tiny_chunks": (15, 7, 4),
+    "tiny_chunks_no_gather": (9, 13, 10**12),
+    "small_chunks": (15, 4099, 4),
+    "small_chunks_no_gather": (9, 4097, 10**12),
+}
+SMALL_INPUT_SETTINGS = ["cpu", "cuda_plan", "wide_first", "no_gather", "tiny_chunks", "tiny_chunks_no_gather"]
+LARGE_INPUT_SETTINGS = ["cpu", "cuda_plan", "wide_first", "no_gather", "small_chunks", "small_chunks_no_gather"]
+
+
+def use_settings(name: str) -> None:
+    """Set the selection's per-device knobs for CPU tensors (tests only)."""
+    first, chunk, divisor = SETTINGS[name]
+    select.FIRST_BITS["cpu"], select.CHUNK["cpu"], select.COMPACT_DIVISOR = first, chunk, divisor
+
+
+@pytest.fixture
+def settings(request):
+    """The selection path named by the test's parameter; the defaults are restored afterwards."""
+    saved = (select.FIRST_BITS["cpu"], select.CHUNK["cpu"], select.COMPACT_DIVISOR)
+    use_settings(request.param)
+    yield request.param
+    select.FIRST_BITS["cpu"], select.CHUNK["cpu"], select.COMPACT_DIVISOR = saved
+
+
+def expected_calls(first: int = 15) -> list[tuple[int, str]]:
+    """The four all-reduces: 512 bins + flag, then the remaining bit fields (int64 counts)."""
+    return [(513, "torch.int64")] + [(1 << width, "torch.int64") for width in select._plan(first)[1:]]
 
 
 class CountingCommunicator:
@@ -108,9 +146,10 @@ def _random_case(seed: int) -> tuple[torch.Tensor, int]:
     return scores, n
 
 
-def test_threshold_matches_sort_property():
+@pytest.mark.parametrize("settings", SMALL_INPUT_SETTINGS, indirect=True)
+def test_threshold_matches_sort_property(settings):
     """Over 240 seeded cases (all score kinds x sizes x n, some with negative padding), tau and kept
-    equal the float64 sort's over the non-negative scores."""
+    equal the float64 sort's over the non-negative scores, with every selection path (settings)."""
     for seed in range(240):
         scores, n = _random_case(seed)
         got = global_threshold(scores, n, LocalCommunicator())
@@ -119,9 +158,10 @@ def test_threshold_matches_sort_property():
         assert (got.value, got.kept) == (tau, kept), (seed, scores.numel(), n)
 
 
+@pytest.mark.parametrize("settings", LARGE_INPUT_SETTINGS, indirect=True)
 @pytest.mark.parametrize("kind", KINDS)
-def test_threshold_large(kind):
-    """N = 100003 (prime) for each kind, n in {1, 30001, N}: exact."""
+def test_threshold_large(kind, settings):
+    """N = 100003 (prime) for each kind, n in {1, 30001, N}: exact, with every selection path."""
     gen = torch.Generator().manual_seed(KINDS.index(kind))
     scores = _scores(kind, 100003, gen)
     for n in (1, kept_count(0.3, 100003), 100003):
@@ -172,14 +212,49 @@ def test_nonfinite_flag_returns_none():
     """locally_nonfinite: None (skip the step), after exactly one all-reduce."""
     comm = CountingCommunicator(LocalCommunicator())
     assert global_threshold(torch.rand(100), 10, comm, locally_nonfinite=True) is None
-    assert comm.calls == [(257, "torch.int64")]
+    assert comm.calls == [(513, "torch.int64")]
 
 
-def test_communication_volume():
-    """Exactly 4 all-reduces: 257 int64 (histogram + flag), then 3 x 256 int64."""
+@pytest.mark.parametrize("first", [9, 15])
+def test_communication_volume(first, monkeypatch):
+    """Exactly 4 all-reduces of int64 counts, none over 8 KiB: 513 (512 bins + flag), then the
+    remaining bit fields: 64, 256, 256 with the CPU's 15-bit first pass; 256, 128, 128 with 9."""
+    monkeypatch.setitem(select.FIRST_BITS, "cpu", first)
     comm = CountingCommunicator(LocalCommunicator())
     global_threshold(torch.rand(10000), 3000, comm)
-    assert comm.calls == [(257, "torch.int64")] + [(256, "torch.int64")] * 3
+    assert comm.calls == expected_calls(first)
+    assert comm.calls == ([(513, "torch.int64"), (64, "torch.int64"), (256, "torch.int64"), (256, "torch.int64")]
+                          if first == 15 else
+                          [(513, "torch.int64"), (256, "torch.int64"), (128, "torch.int64"), (128, "torch.int64")])
+    assert all(numel * 8 <= 8192 for numel, _ in comm.calls)
+
+
+@pytest.mark.parametrize("first", [8, 10, 20])
+def test_plans_outside_the_budget_are_refused(first):
+    """A first-pass width whose rounds would not cover 31 bits in 4 all-reduces of <= 1024 counts."""
+    with pytest.raises(ValueError, match="first-pass width"):
+        select._plan(first)
+
+
+def test_nan_patterns_sort_above_inf_and_int32_max_is_handled():
+    """Positive NaN bit patterns (never produced by finite statistics) rank above +inf, as their
+    integers do, up to 0x7FFFFFFF, the largest pattern, whose range ends at INT32_MAX."""
+    bits = torch.tensor([0x7FFFFFFF, 0x7FFFFFFF, 0x7FC00000, 0x7F800000, 0x3F800000, 0], dtype=torch.int32)
+    scores = bits.view(torch.float32)
+    for n, pattern, kept in [(1, 0x7FFFFFFF, 2), (2, 0x7FFFFFFF, 2), (3, 0x7FC00000, 3), (4, 0x7F800000, 4),
+                             (6, 0, 6)]:
+        got = global_threshold(scores, n, LocalCommunicator())
+        assert torch.tensor([got.value]).view(torch.int32).item() == pattern and got.kept == kept, n
+
+
+@pytest.mark.parametrize("settings", ["cpu", "no_gather", "tiny_chunks"], indirect=True)
+def test_scores_are_only_read(settings):
+    """The selection leaves its input untouched (the caller masks with it afterwards)."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.cat([_scores("wide", 5000, gen), torch.full((100,), -1.0)])
+    before = scores.clone()
+    global_threshold(scores, 1500, LocalCommunicator())
+    assert torch.equal(scores.view(torch.int32), before.view(torch.int32))
 
 
 @pytest.mark.parametrize("scores,n,tau,kept", [
@@ -229,16 +304,23 @@ def _dist_scenarios() -> list[tuple[str, torch.Tensor, int, list[int]]]:
     ]
 
 
+DIST_SETTINGS = ["cpu", "cuda_plan", "tiny_chunks_no_gather"]
+
+
 def _dist_worker(rank: int, world_size: int) -> dict:
-    """Runs every scenario on this rank's piece; returns plain Python results."""
+    """Runs every scenario on this rank's piece, under each of DIST_SETTINGS; returns plain Python
+    results (the default settings are restored for the checks after)."""
     out: dict = {"selection": [], "errors": {}}
     comm = ProcessGroupCommunicator()
-    for name, scores, share, ns in _dist_scenarios():
-        local = scores[:share] if rank == 0 else scores[share:]
-        for n in ns:
-            counting = CountingCommunicator(comm)
-            got = global_threshold(local.clone(), n, counting)
-            out["selection"].append((name, n, got.value, got.kept, counting.calls))
+    for setting in DIST_SETTINGS:
+        use_settings(setting)
+        for name, scores, share, ns in _dist_scenarios():
+            local = scores[:share] if rank == 0 else scores[share:]
+            for n in ns:
+                counting = CountingCommunicator(comm)
+                got = global_threshold(local.clone(), n, counting)
+                out["selection"].append((setting, name, n, got.value, got.kept, counting.calls))
+    use_settings("cpu")
     for flag_rank in (0, 1):
         counting = CountingCommunicator(comm)
         out[f"none_flag_on_{flag_rank}"] = (
@@ -266,23 +348,26 @@ def two_ranks() -> list[dict]:
 
 def test_two_ranks_equal_single_process_and_oracle(two_ranks):
     """Each rank's threshold over uneven pieces (one possibly empty) equals the single-process one
-    and the float64 sort, on both ranks, with exactly 4 all-reduces of 257 then 3 x 256 int64."""
-    expected_calls = [(257, "torch.int64")] + [(256, "torch.int64")] * 3
+    and the float64 sort, on both ranks, with every selection path, in exactly 4 all-reduces
+    (513 int64, then the plan's bit fields)."""
     results = iter(zip(*(r["selection"] for r in two_ranks)))
-    for name, scores, _share, ns in _dist_scenarios():
-        for n in ns:
-            r0, r1 = next(results)
-            assert r0[:2] == r1[:2] == (name, n)
-            single = global_threshold(scores, n, LocalCommunicator())
-            assert (r0[2], r0[3]) == (r1[2], r1[3]) == (single.value, single.kept) == _reference(scores, n), (name, n)
-            assert r0[4] == r1[4] == expected_calls, (name, n)
+    for setting in DIST_SETTINGS:
+        calls = expected_calls(SETTINGS[setting][0])
+        for name, scores, _share, ns in _dist_scenarios():
+            for n in ns:
+                r0, r1 = next(results)
+                assert r0[:3] == r1[:3] == (setting, name, n)
+                single = global_threshold(scores, n, LocalCommunicator())
+                assert (r0[3], r0[4]) == (r1[3], r1[4]) == (single.value, single.kept) == _reference(scores, n), \
+                    (setting, name, n)
+                assert r0[5] == r1[5] == calls, (setting, name, n)
 
 
 def test_two_ranks_nonfinite_flag_on_one_rank(two_ranks):
     """The flag raised on one rank only makes both ranks return None, after one all-reduce."""
     for flag_rank in (0, 1):
         for result in two_ranks:
-            assert result[f"none_flag_on_{flag_rank}"] == (None, [(257, "torch.int64")])
+            assert result[f"none_flag_on_{flag_rank}"] == (None, [(513, "torch.int64")])
 
 
 def test_two_ranks_errors_are_collective(two_ranks):
