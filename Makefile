@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.bidrop-installed
 DEMO_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean results
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) launch/run_suite.py --out runs/demo --strategies vanilla bidrop \
 		--tasks vader-movie --seeds 0 --ranks 2 --deepspeed ds_configs/zero2_fp32.json -- --train_size 2048 $(DEMO_ARGS)
+
+# The committed comparison in results/vader (every strategy, 5 seeds; about 45 min on 2 cores).
+# Finished runs are skipped: delete results/vader/runs to recompute them.
+results: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) launch/run_suite.py --out results/vader --strategies vanilla bidrop childtuning-d \
+		childtuning-f dps bidrop-perturbation bidrop-scaling bidrop-random --tasks vader-transfer --seeds 0 1 2 3 4 \
+		-- --train_size 500 --epochs 2 --batch_size 16
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

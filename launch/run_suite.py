@@ -266,8 +266,12 @@ def plot_scores(rows: list[dict[str, Any]], labels: list[str], columns: list[str
 
     cell = {(r["strategy"], r["column"]): r for r in rows}
     shown = [label for label in labels if any((label, c) in cell for c in columns)]
-    fig, axes = plt.subplots(1, len(columns), figsize=(max(4.0, 1.1 * len(shown)) * len(columns), 4.0), squeeze=False)
-    for ax, column in zip(axes[0], columns):
+    across = min(2, len(columns))
+    down = -(-len(columns) // across)
+    fig, axes = plt.subplots(down, across, figsize=(max(4.0, 0.8 * len(shown)) * across, 4.0 * down), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, columns):
         for x, label in enumerate(shown):
             row = cell.get((label, column))
             if row is None:
@@ -320,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.tasks, args.strategies, args.grid, args.seeds)
     failed = [] if args.report_only else execute(runs, args, extra, out)
-    command_line = "python launch/run_suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+    command_line = "python launch/run_suite.py " + " ".join(given)  # the command that makes the table
     print(write_report(runs, out, command_line), flush=True)
     if failed:
         print(f"run_suite: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
