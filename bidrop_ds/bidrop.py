@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
 from bidrop_ds.backends.fsdp2 import Fsdp2Backend, is_fsdp2_model
 from bidrop_ds.backends.torch_ddp import TorchBackend
-from bidrop_ds.config import BiDropConfig
+from bidrop_ds.config import BLOCK, BiDropConfig
 from bidrop_ds.core import LocalCommunicator, PassStatistics
 from bidrop_ds.strategies import ChildTuningD, agree, make_rule
 
@@ -49,9 +49,9 @@ class StepResult:
     loss: float | None = None
 
 
-def _layer_of(name: str) -> str:
-    """`encoder.layer.3.attention...` -> `layer.3` (the repeated block a parameter belongs to)."""
-    found = re.search(r"(?:^|\.)((?:layer|layers|h|block|blocks)\.\d+)\.", name)
+def layer_of(name: str) -> str:
+    """`encoder.layer.3.attention...` -> `layer.3` (the repeated block a parameter belongs to; else the name)."""
+    found = re.search(rf"(?:^|\.)({BLOCK})\.", name)
     return found.group(1) if found else name
 
 
@@ -102,11 +102,6 @@ class BiDrop:
         self._check_ranks_agree()
         self.rule = make_rule(self)
         self.backend.begin_step()
-
-    @property
-    def masking(self) -> bool:
-        """Whether steps are masked (False for vanilla, and Bi-Drop with k = 1 or p = 1)."""
-        return self.config.masking
 
     def _check_dropout(self, model: nn.Module) -> None:
         """Bi-Drop's passes differ only by their dropout draws: without active dropout the k
@@ -264,7 +259,7 @@ class BiDrop:
         `apply_mask` and the next step; an element with an exactly zero gradient counts as masked.
         One small all-reduce; meant for logging every few steps."""
         slices = self.backend.parameter_slices()
-        layers = [_layer_of(piece.name) for piece in slices]
+        layers = [layer_of(piece.name) for piece in slices]
         names = sorted(set(layers), key=_natural_key)
         update = self.stats.mean
         counts = torch.zeros(2 * len(names), dtype=torch.int64, device=self.backend.device)

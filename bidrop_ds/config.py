@@ -20,8 +20,10 @@ STRATEGIES = ("bidrop", "vanilla", "childtuning-d", "childtuning-f", "dps")
 # The Bi-Drop ablations by name: strategy "bidrop-<score>" is strategy "bidrop" with that score.
 ABLATIONS = {f"bidrop-{score}": score for score in SCORES if score != "product"}
 
+# One repeated transformer block in a parameter name: `layer.3`, `layers.11`, `h.0`, `blocks.2`.
+BLOCK = r"(layer|layers|h|block|blocks)\.\d+"
 # Parameters of repeated transformer blocks: `encoder.layer.3.`, `layers.11.`, `h.0.`, `blocks.2.`.
-DEFAULT_INCLUDE = (r"(^|\.)(layer|layers|h|block|blocks)\.\d+\.",)
+DEFAULT_INCLUDE = (r"(^|\.)" + BLOCK + r"\.",)
 
 
 @dataclass(frozen=True)

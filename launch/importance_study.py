@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune  # noqa: E402  (launch/finetune.py: model, data and optimizer, shared)
 
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
-from bidrop_ds.bidrop import _layer_of  # noqa: E402
+from bidrop_ds.bidrop import layer_of  # noqa: E402
 from bidrop_ds.core import PassStatistics, scores_into_m2  # noqa: E402
 from bidrop_ds.data import collator, load_task, tokenize  # noqa: E402
 from bidrop_ds.data.glue import spearman  # noqa: E402
@@ -115,7 +115,7 @@ def per_layer(eligible: list[tuple[str, int]], score: torch.Tensor, fisher: torc
     layers: dict[str, list[slice]] = {}
     offset = 0
     for name, numel in eligible:
-        layers.setdefault(_layer_of(name), []).append(slice(offset, offset + numel))
+        layers.setdefault(layer_of(name), []).append(slice(offset, offset + numel))
         offset += numel
     rows = []
     for layer, pieces in layers.items():
