@@ -78,6 +78,7 @@ def load_finetune():
     """launch/finetune.py as a module: its init_distributed (timeouts) and lost-contact report."""
     spec = importlib.util.spec_from_file_location("finetune", ROOT / "launch" / "finetune.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

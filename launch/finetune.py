@@ -19,6 +19,12 @@ With `--deepspeed FILE.json` it trains on DeepSpeed ranks (README, "Fine-tuning 
 `--batch_size` is the global batch: each rank gets a disjoint batch_size/ranks share of every batch,
 cut into --chunks micro-batches; the config's "auto" batch fields are filled from these numbers.
 
+`--save_dir DIR` writes checkpoints (`bidrop_ds.checkpoint`: a tag counts only once complete) to
+DIR/stepN every --save_every steps and after the last step; `--resume` continues from the newest
+complete one with the same settings, at the next batch in the same data order: with --seed the
+resumed run ends bit for bit where the uninterrupted one does (DPS restarts its current cycle's
+statistics, so it is the one strategy that does not).
+
 Model, data, evaluation and the training loop are separate functions that serve both paths.
 """
 
@@ -34,9 +40,11 @@ import socket
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
 import torch
@@ -48,6 +56,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Pre
                           PreTrainedTokenizerBase, get_linear_schedule_with_warmup)
 
 from bidrop_ds import BiDrop, BiDropConfig
+from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute_metrics, load_task, split_batch,
                              tokenize)
@@ -57,6 +66,9 @@ SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only th
 # "Connection reset by peer", "Timed out waiting 5000ms for recv operation to complete").
 GLOO_FAILURE = re.compile(r"Connection (closed|reset) by peer|Connection refused|Timed out waiting")
 DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# the arguments a resumed run must share with the saved one (the data order, the schedule, the math)
+RESUME_SETTINGS = ("model", "task", "glue_dir", "train_size", "bad_rows", "epochs", "batch_size", "max_length",
+                   "lr", "weight_decay", "warmup_ratio", "train_seed")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -95,6 +107,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dist_timeout", type=float, default=None, metavar="SECONDS",
                         help="with --deepspeed: how long a collective waits for the other ranks before this rank "
                              "reports lost contact and exits (default: DeepSpeed's, $DEEPSPEED_TIMEOUT minutes or 10)")
+    parser.add_argument("--save_dir", default=None, metavar="DIR",
+                        help="write checkpoints to DIR/stepN (every rank must see DIR) every --save_every steps "
+                             "and after the last step")
+    parser.add_argument("--save_every", type=int, default=0, metavar="N",
+                        help="with --save_dir: also save every N steps (0: only after the last step)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --save_dir (same settings; bit for "
+                             "bit with --seed, except DPS)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "max_length", "chunks"):
@@ -106,6 +126,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--chunks must not exceed --batch_size")
     if args.dist_timeout is not None and not 0 < args.dist_timeout < math.inf:
         parser.error(f"--dist_timeout must be a number of seconds > 0, got {args.dist_timeout}")
+    if args.save_every < 0:
+        parser.error("--save_every must be >= 0 (0: only after the last step)")
+    if (args.save_every or args.resume) and not args.save_dir:
+        parser.error("--save_every and --resume need --save_dir")
+    if args.resume and latest_complete_tag(args.save_dir) is None:
+        parser.error(f"--resume: no complete checkpoint in --save_dir {args.save_dir} (a tag counts once its "
+                     "bidrop_complete.json is written); drop --resume to start afresh")
     return args
 
 
@@ -352,38 +379,71 @@ def describe_strategy(config: BiDropConfig) -> str:
     return f"strategy {config.strategy}" + (f" p={config.p}{window}" if config.strategy != "vanilla" else "")
 
 
+@dataclass
+class LoopState:
+    """Where the training loop stands and what it has recorded, saved in every checkpoint, so that a
+    resumed run goes on at the next batch, in the same data order, and reports the same totals."""
+
+    epoch: int = 0
+    batches_done: int = 0  # of `epoch`
+    shuffle_state: torch.Tensor | None = None  # one process: the shuffle generator at the start of `epoch`
+    skipped: int = 0
+    kept: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # this epoch's
+    layer_kept: list[list] = field(default_factory=list)  # [step, {layer: kept fraction}] every log_every steps
+
+
 def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loader: DataLoader,
           epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True,
-          log_every: int = 0) -> dict[str, Any]:
+          log_every: int = 0, resume_from: LoopState | None = None,
+          save: Callable[[LoopState], None] | None = None, save_every: int = 0) -> dict[str, Any]:
     """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss (over all
     ranks), the mean kept fraction, the number of skipped (non-finite) steps and, every `log_every`
     steps (0: never), the kept fraction per layer. `scheduler` is stepped after every batch; pass
-    None when the DeepSpeed engine steps it itself."""
+    None when the DeepSpeed engine steps it itself. `resume_from`: a checkpoint's state, whose
+    epoch is replayed in its order up to the batches already done. `save(state)` is called every
+    `save_every` steps (0: never) and after the last one."""
     bidrop.model.train()
-    skipped, kept, losses = 0, [], []
-    bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True, disable=not progress)
-    layer_kept: list[list] = []  # [step, {layer: kept fraction}] every log_every steps
-    for epoch in range(epochs):
+    state = resume_from or LoopState()
+    per_epoch = len(loader)
+    position = state.epoch * per_epoch + state.batches_done
+    saved_at = position if resume_from is not None else None
+    generator = loader.generator  # one process: the shuffle order; ranks: None (the sampler's seed and epoch)
+    bar = tqdm(total=epochs * per_epoch, initial=position, desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress)
+    for epoch in range(state.epoch, epochs):
+        if resume_from is not None and epoch == resume_from.epoch:
+            if generator is not None:
+                generator.set_state(state.shuffle_state)
+        else:
+            state.epoch, state.batches_done, state.losses = epoch, 0, []
+            state.shuffle_state = generator.get_state() if generator is not None else None
         if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new order each epoch
             loader.sampler.set_epoch(epoch)
-        losses = []
-        for batch in loader:
+        for batch in islice(loader, state.batches_done, None):  # the skipped batches still draw the same order
             batch = to_device(batch, device)
             result = bidrop.step(split_batch(batch, chunks) if chunks > 1 else batch)
             if scheduler is not None:
                 scheduler.step()
-            skipped += result.skipped
+            state.batches_done += 1
+            state.skipped += result.skipped
             if not result.skipped:
-                losses.append(result.loss)
-                kept.append(result.kept_fraction)
+                state.losses.append(result.loss)
+                state.kept.append(result.kept_fraction)
                 if log_every and result.step % log_every == 0:
-                    layer_kept.append([result.step, bidrop.kept_by_layer()])
+                    state.layer_kept.append([result.step, bidrop.kept_by_layer()])
+            position += 1
+            if save is not None and save_every and position % save_every == 0:
+                save(state)
+                saved_at = position
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
     bar.close()
+    if save is not None and saved_at != position:
+        save(state)
     # kept fraction and skips are global (every rank decides the same); the loss is this rank's
-    return {"train_loss_last_epoch": _mean_over_ranks(losses, device), "mean_kept_fraction": _mean(kept),
-            "skipped_steps": skipped, "layer_kept": layer_kept}
+    return {"train_loss_last_epoch": _mean_over_ranks(state.losses, device), "mean_kept_fraction": _mean(state.kept),
+            "skipped_steps": state.skipped, "layer_kept": state.layer_kept}
 
 
 def evaluate(model: torch.nn.Module, loaders: Mapping[str, DataLoader], spec: TaskSpec,
@@ -541,12 +601,39 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
 
     fisher_batches = 0
     if config.strategy == "childtuning-d":  # its fixed mask: Fisher information over one pass of the train set
+        # (of the pretrained weights, before any checkpoint is loaded: a resumed run gets the same mask)
         fisher_batches = bidrop.estimate_fisher(
             (split_batch(batch, args.chunks) if args.chunks > 1 else batch
              for batch in (to_device(b, device) for b in train_loader)), progress=main_rank)
+    settings = {**{name: getattr(args, name) for name in RESUME_SETTINGS}, "model": model_path,
+                "bidrop": config.to_dict(), "ranks": world}
+    checkpoint_objects = {"optimizer": None, "scheduler": None} if distributed else {
+        "optimizer": optimizer, "scheduler": scheduler}
+    resume_from = resume_tag = None
+    if args.resume:
+        client = load_checkpoint(bidrop.model, bidrop, args.save_dir, **checkpoint_objects)
+        resume_tag, resume_from = client["tag"], LoopState(**{**client["loop"], "losses": client["loop"]["losses"][rank]})
+        differ = {name: (client["settings"].get(name), value) for name, value in settings.items()
+                  if client["settings"].get(name) != value}
+        if differ:
+            raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{resume_tag} was saved with other "
+                             "settings: " + "; ".join(f"{name} {saved!r}, now {now!r}" for name, (saved, now)
+                                                       in differ.items())
+                             + ". Resume with the saved settings, or pick another --save_dir to start afresh")
+        if main_rank:
+            print(f"resuming from {args.save_dir}/{resume_tag}: epoch {resume_from.epoch + 1}, "
+                  f"{resume_from.batches_done} of {len(train_loader)} batches done", flush=True)
+
+    def save(state: LoopState) -> None:
+        tag = f"step{state.epoch * len(train_loader) + state.batches_done}"
+        loop = {**asdict(state), "losses": _gather_to_all(state.losses)}  # the loss is each rank's own: keep all
+        save_checkpoint(bidrop.model, bidrop, args.save_dir, tag, **checkpoint_objects,
+                        client_state={"tag": tag, "loop": loop, "settings": settings})
+
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
-                        device, progress=main_rank, log_every=args.log_every)
-    train_stats["fisher_batches"] = fisher_batches
+                        device, progress=main_rank, log_every=args.log_every, resume_from=resume_from,
+                        save=save if args.save_dir else None, save_every=args.save_every)
+    train_stats.update(fisher_batches=fisher_batches, resumed_from=resume_tag)
     eval_stats = evaluate(model, eval_loaders, spec, device, progress=main_rank)
     plugin = _gather_to_all((bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes, bidrop.backend.numel))
     summary = {

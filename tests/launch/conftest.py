@@ -4,6 +4,7 @@ MiniLM tokenizer, small VADER files (no network), and the arguments of a small r
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +20,7 @@ SCRIPT = ROOT / "launch" / "finetune.py"
 def load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from tests.data.test_glue import write_task
 from tests.launch.conftest import small_run
@@ -60,3 +62,54 @@ def test_bad_arguments_are_reported(finetune: ModuleType, tiny_model: Path, vade
         finetune.main(small_run(tiny_model, "--chunks", "17"))
     with pytest.raises(ValueError, match=r"BiDropConfig\.p = 1\.5"):
         finetune.main(small_run(tiny_model, "--p", "1.5"))
+
+
+RESUME_KEYS = ("eval_loss", "accuracy", "train_loss_last_epoch", "mean_kept_fraction", "skipped_steps",
+               "lr_scheduler_steps", "final_lr", "fisher_batches")
+
+
+def saved_model(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "bidrop_checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("strategy, k", [("bidrop", "2"), ("childtuning-d", "1")])
+def test_resume_ends_bit_for_bit_where_the_whole_run_does(finetune: ModuleType, tiny_model: Path, vader_cache: Path,
+                                                          tmp_path: Path, strategy: str, k: str) -> None:
+    """2 epochs of 4 steps, saved after steps 3, 6 and 8; the run is cut during its last save (the
+    marker of step 8 is gone), so --resume goes on from step 6: mid-way through the second epoch, whose
+    order it must replay (the shuffle generator has moved on since the start)."""
+    args = small_run(tiny_model, "--strategy", strategy, "--k", k, "--seed", "3", "--epochs", "2", "--save_every", "3")
+    whole = finetune.main([*args, "--save_dir", str(tmp_path / "whole")])
+    assert sorted(path.name for path in (tmp_path / "whole").iterdir()) == ["step3", "step6", "step8"]
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    (tmp_path / "cut" / "step8" / "bidrop_complete.json").unlink()
+    resumed = finetune.main([*args, "--save_dir", str(tmp_path / "cut"), "--resume"])
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (None, "step6")
+    assert {key: resumed[key] for key in RESUME_KEYS} == {key: whole[key] for key in RESUME_KEYS}
+    final, again = saved_model(tmp_path / "whole" / "step8"), saved_model(tmp_path / "cut" / "step8")
+    assert final.keys() == again.keys() and all(torch.equal(final[name], again[name]) for name in final)
+    assert any(not torch.equal(final[name], saved_model(tmp_path / "whole" / "step6")[name]) for name in final)
+
+
+def test_resume_after_the_last_step_only_evaluates(finetune: ModuleType, tiny_model: Path, vader_cache: Path,
+                                                  tmp_path: Path) -> None:
+    args = small_run(tiny_model, "--seed", "3", "--save_dir", str(tmp_path / "run"))
+    whole = finetune.main(args)
+    written = (tmp_path / "run" / "step4" / "bidrop_complete.json").read_text()
+    again = finetune.main([*args, "--resume"])
+    assert again["resumed_from"] == "step4" and again["eval_loss"] == whole["eval_loss"]
+    assert (tmp_path / "run" / "step4" / "bidrop_complete.json").read_text() == written  # not saved again
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(finetune: ModuleType, tiny_model: Path,
+                                                               vader_cache: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        finetune.main(small_run(tiny_model, "--resume"))
+    assert "--save_every and --resume need --save_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(small_run(tiny_model, "--resume", "--save_dir", str(tmp_path / "empty")))
+    assert "--resume: no complete checkpoint in --save_dir" in capsys.readouterr().err
+    finetune.main(small_run(tiny_model, "--save_dir", str(tmp_path / "run")))
+    with pytest.raises(SystemExit, match=r"saved with other settings: lr 0\.0001, now 0\.0002"):
+        finetune.main(small_run(tiny_model, "--save_dir", str(tmp_path / "run"), "--resume", "--lr", "2e-4"))

@@ -161,3 +161,26 @@ def test_deepspeed_json_errors(finetune: ModuleType, tmp_path: Path) -> None:
     _, section = finetune.load_deepspeed_config(str(ds), 8, 1, 2)
     with pytest.raises(ValueError, match=r"ds\.json: \"bidrop\": BiDropConfig: unknown key\(s\) 'q'"):
         finetune.resolve_bidrop_config(argparse.Namespace(bidrop_config=None), section, str(ds))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_two_ranks_ends_where_the_whole_run_does(tiny_model: Path, vader_cache: Path, tmp_path: Path,
+                                                           stage: int) -> None:
+    """8 steps on 2 ranks, saved after steps 3, 6 and 8; the step-8 save is cut (marker gone), so --resume
+    restarts from step 6 (mid-way through epoch 2): fresh engine, ZeRO partitions loaded, the
+    DistributedSampler's epoch and the data position restored. Metrics and fp32 weights are bit-equal."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = ["--deepspeed", str(ROOT / "ds_configs" / f"zero{stage}_fp32.json"),
+            *small_run(tiny_model, "--seed", "3", "--epochs", "2", "--save_every", "3")]
+    whole = run_ok(tmp_path, *args, "--save_dir", str(tmp_path / "whole"))
+    assert sorted(path.name for path in (tmp_path / "whole").iterdir() if path.is_dir()) == ["step3", "step6", "step8"]
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    (tmp_path / "cut" / "step8" / "bidrop_complete.json").unlink()
+    resumed = run_ok(tmp_path, *args, "--save_dir", str(tmp_path / "cut"), "--resume")
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (None, "step6")
+    keys = ("eval_loss", "accuracy", "train_loss_last_epoch", "mean_kept_fraction", "lr_scheduler_steps", "final_lr")
+    assert {key: resumed[key] for key in keys} == {key: whole[key] for key in keys}
+    final = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "whole"), tag="step8")
+    again = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "cut"), tag="step8")
+    assert final.keys() == again.keys() and all(torch.equal(final[name], again[name]) for name in final)
