@@ -21,6 +21,11 @@ Each chunk's loss is what the vanilla Trainer would backpropagate for that micro
 `k=1` is the vanilla Trainer. The kept fraction and the skipped-step count go into the training
 logs; the plugin's state (`BiDrop.state_dict()`) is saved as `bidrop_state.json` in every checkpoint
 and restored by `train(resume_from_checkpoint=...)`, so seeded runs continue the same pass sequence.
+
+Resuming only ever starts from a complete checkpoint (`incomplete_trainer_checkpoint_reason`): with
+`resume_from_checkpoint=True` the newest complete `checkpoint-N` of `output_dir`, newer incomplete ones
+(a writer killed mid-save) skipped with a warning; `IncompleteCheckpointError` if every one is incomplete,
+or if an explicitly named checkpoint is.
 """
 
 from __future__ import annotations
@@ -28,20 +33,91 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
 from bidrop_ds.bidrop import BiDrop, StepResult
+from bidrop_ds.checkpoint import IncompleteCheckpointError
 from bidrop_ds.config import BiDropConfig
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "bidrop_state.json"
+_CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # the Trainer's checkpoint-N folders
+
+
+def incomplete_trainer_checkpoint_reason(folder: str | os.PathLike) -> str | None:
+    """None if the Trainer checkpoint `folder` is complete, else why not.
+
+    The Trainer writes `trainer_state.json` last (after the weights, optimizer, scheduler, our
+    `bidrop_state.json` and the RNG state), so a writer killed mid-save leaves it missing or
+    truncated: complete means it parses and, for a `checkpoint-N` folder, says global_step N.
+    `bidrop_state.json` is written before it, atomically: absent means the run did not save it (a
+    vanilla or `save_only_model` checkpoint, which `train` resumes with a warning); present, it must parse.
+    """
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}: its writer did not finish (killed mid-save?)"
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE_NAME} is unreadable ({err})"
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE_NAME} is not a JSON object"
+    match = _CHECKPOINT_RE.fullmatch(folder.name)
+    if match and "global_step" in state and state["global_step"] != int(match[1]):
+        return f"{TRAINER_STATE_NAME} says global_step {state['global_step']}, not {match[1]}"
+    try:
+        json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as err:
+        return f"{STATE_NAME} is unreadable ({err})"
+    return None
+
+
+def _trainer_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders of `directory`, highest N first (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    found = [p for p in Path(directory).iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.fullmatch(p.name)[1]), reverse=True)
+
+
+def _complete_checkpoint(resume: str | bool | None, output_dir: str) -> str | bool | None:
+    """`resume_from_checkpoint` as `Trainer.train` should get it: True becomes the newest complete
+    `checkpoint-N` of `output_dir` (newer incomplete ones skipped, with a warning); an explicit folder must
+    be complete. Raises `IncompleteCheckpointError` otherwise. True stays True when `output_dir` has no
+    checkpoint folder, and a path that is no folder is passed on: the Trainer's own errors."""
+    if resume is True:
+        reasons = []
+        for folder in _trainer_checkpoints(output_dir):
+            reason = incomplete_trainer_checkpoint_reason(folder)
+            if reason is None:
+                for skipped, why in reasons:
+                    logger.warning("BiDrop Trainer: skipping the incomplete checkpoint %s: %s", skipped, why)
+                return str(folder)
+            reasons.append((folder, reason))
+        if reasons:
+            raise IncompleteCheckpointError(
+                f"BiDrop Trainer: no complete checkpoint to resume from in {output_dir}: "
+                + "; ".join(f"{folder.name}: {why}" for folder, why in reasons))
+    elif isinstance(resume, (str, os.PathLike)) and os.path.isdir(resume):
+        reason = incomplete_trainer_checkpoint_reason(resume)
+        if reason is not None:
+            newest = next((str(folder) for folder in _trainer_checkpoints(Path(resume).parent)
+                           if incomplete_trainer_checkpoint_reason(folder) is None), None)
+            hint = f"the newest complete one beside it is {newest}" if newest else "none beside it is complete"
+            raise IncompleteCheckpointError(f"BiDrop Trainer: refusing to resume from {resume}: {reason}; {hint}")
+    return resume
 
 
 class BiDropTrainerMixin:
@@ -78,15 +154,15 @@ class BiDropTrainerMixin:
 
     # ----- train / resume ------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`, with the Bi-Drop state restored from the checkpoint's `bidrop_state.json`."""
+        """`Trainer.train` from a complete checkpoint only (see `_complete_checkpoint`), with the Bi-Drop
+        state restored from its `bidrop_state.json`."""
         self.bidrop = None  # created at the first training_step, on this call's model/optimizer/engine
         self.bidrop_last_result = None
         self._bidrop_chunks = []
         self._bidrop_kept = []
         self._bidrop_resume_state, self._bidrop_resume_missing = None, False
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        resume_from_checkpoint = _complete_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        checkpoint = None if isinstance(resume_from_checkpoint, bool) else resume_from_checkpoint
         if checkpoint is not None:
             path = os.path.join(checkpoint, STATE_NAME)
             if os.path.isfile(path):

@@ -1,9 +1,10 @@
 """BiDropTrainer (Hugging Face Trainer integration): real Trainer runs on a tiny config-built BERT, CPU, no
 downloads. In one process: the first optimizer step equals a hand-run `BiDrop.step(chunks)`, k=1 is the vanilla
-Trainer bit for bit, a resumed run ends where the uninterrupted one does, a non-finite step is skipped, misuse
-errors. On 2 real ranks (torchrun, gloo; this file is also the rank script): DeepSpeed ZeRO-2 and ZeRO-3 (fp32),
-DDP and (forced on CPU) FSDP2 train 3 steps, and their first step equals a hand-run BiDrop fed the same chunks;
-under DDP each pass is all-reduced once.
+Trainer bit for bit, a resumed run ends where the uninterrupted one does (also when `resume_from_checkpoint=True`
+must skip a newest checkpoint whose writer was killed; incomplete checkpoints are refused), a non-finite step is
+skipped, misuse errors. On 2 real ranks (torchrun, gloo; this file is also the rank script): DeepSpeed ZeRO-2 and
+ZeRO-3 (fp32), DDP and (forced on CPU) FSDP2 train 3 steps, and their first step equals a hand-run BiDrop fed the
+same chunks; under DDP each pass is all-reduced once.
 
 About the loss scaling: BERT's classification forward takes **kwargs, so the Trainer passes it
 `num_items_in_batch` and counts its loss as already scaled for gradient accumulation, although BERT's loss is a
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +31,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bidrop_ds import BiDrop, BiDropConfig
-from bidrop_ds.integrations.hf_trainer import STATE_NAME, BiDropTrainer, BiDropTrainerMixin
+from bidrop_ds.checkpoint import IncompleteCheckpointError
+from bidrop_ds.integrations.hf_trainer import (STATE_NAME, BiDropTrainer, BiDropTrainerMixin,
+                                               incomplete_trainer_checkpoint_reason)
 from tests.models import random_batch, tiny_bert
 from tests.launching import run_in_session
 
@@ -141,6 +147,95 @@ def test_resume_continues_the_seeded_run(tmp_path: Path) -> None:
     again, again_model = run(tmp_path / "again", resume=str(tmp_path / "straight" / "checkpoint-2"))
     assert again.bidrop.step_index == 4
     assert all(torch.equal(a, b) for a, b in zip(straight_model.parameters(), again_model.parameters()))
+
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer's, written last in every checkpoint
+SAVED_CONFIG = BiDropConfig(k=2, p=0.3, seed=11)
+
+
+def saving_args(output_dir: Path) -> TrainingArguments:
+    return training_args(output_dir, max_steps=4, save_strategy="steps", save_steps=2)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[torch.Tensor]]:
+    """A seeded 4-step run that saved checkpoint-2 and checkpoint-4, and its final weights. Tests spoil a copy."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    model = tiny_bert(0)
+    BiDropTrainer(model=model, args=saving_args(out), train_dataset=Rows(), bidrop_config=SAVED_CONFIG).train()
+    return out, params(model)
+
+
+def copy_run(saved_run: tuple[Path, list[torch.Tensor]], tmp_path: Path) -> Path:
+    shutil.copytree(saved_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_true_skips_an_incomplete_newest_checkpoint(saved_run, tmp_path: Path, caplog) -> None:
+    """checkpoint-4's writer killed before trainer_state.json: resume=True takes checkpoint-2 (with a warning naming
+    checkpoint-4) and ends where the uninterrupted run did; the model starts from other weights, so only loading
+    checkpoint-2 gets there."""
+    out = copy_run(saved_run, tmp_path)
+    (out / "checkpoint-4" / TRAINER_STATE).unlink()
+    model = tiny_bert(1)
+    trainer = RecordingTrainer(model=model, args=saving_args(out), train_dataset=Rows(), bidrop_config=SAVED_CONFIG)
+    with caplog.at_level(logging.WARNING, logger="bidrop_ds.integrations.hf_trainer"):
+        trainer.train(resume_from_checkpoint=True)
+    assert len(trainer.seen) == 4  # steps 3 and 4 only, 2 micro-batches each
+    assert trainer.state.global_step == trainer.bidrop.step_index == 4
+    assert all(torch.equal(a, b) for a, b in zip(saved_run[1], model.parameters()))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"incomplete checkpoint {out / 'checkpoint-4'}: no {TRAINER_STATE}" in m for m in warnings), warnings
+    assert incomplete_trainer_checkpoint_reason(out / "checkpoint-4") is None  # saved again, complete
+
+
+def test_explicit_incomplete_checkpoint_is_refused(saved_run, tmp_path: Path) -> None:
+    """Not the Trainer's crash on the missing trainer_state.json (after loading the weights): a clear refusal that
+    names the folder, the reason and the newest complete checkpoint beside it."""
+    out = copy_run(saved_run, tmp_path)
+    (out / "checkpoint-4" / TRAINER_STATE).unlink()
+    model = tiny_bert(1)
+    before = params(model)
+    trainer = BiDropTrainer(model=model, args=saving_args(tmp_path / "new"), train_dataset=Rows(),
+                            bidrop_config=SAVED_CONFIG)
+    with pytest.raises(IncompleteCheckpointError,
+                       match=rf"refusing to resume from {re.escape(str(out / 'checkpoint-4'))}: no {TRAINER_STATE}: "
+                             rf".*the newest complete one beside it is {re.escape(str(out / 'checkpoint-2'))}$"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert trainer.state.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_no_complete_checkpoint(saved_run, tmp_path: Path) -> None:
+    """Every checkpoint incomplete: resume=True refuses, naming each and why; no checkpoint at all stays the
+    Trainer's own error. Then the other ways to be (in)complete, folder by folder."""
+    out = copy_run(saved_run, tmp_path)
+    (out / "checkpoint-4" / TRAINER_STATE).unlink()
+    state = (out / "checkpoint-2" / TRAINER_STATE).read_text()
+    (out / "checkpoint-2" / TRAINER_STATE).write_text(state[: len(state) // 2])  # killed mid-write
+    trainer = BiDropTrainer(model=tiny_bert(0), args=saving_args(out), train_dataset=Rows(),
+                            bidrop_config=SAVED_CONFIG)
+    with pytest.raises(IncompleteCheckpointError,
+                       match=rf"no complete checkpoint to resume from in {re.escape(str(out))}: checkpoint-4: no "
+                             rf"{TRAINER_STATE}: .*; checkpoint-2: {TRAINER_STATE} is unreadable"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+    (tmp_path / "empty").mkdir()
+    trainer.args.output_dir = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+        trainer.train(resume_from_checkpoint=True)
+
+    def variant(name: str, source: str = "checkpoint-2") -> Path:
+        shutil.copytree(saved_run[0] / source, tmp_path / name)
+        return tmp_path / name
+
+    assert incomplete_trainer_checkpoint_reason(saved_run[0] / "checkpoint-2") is None
+    assert incomplete_trainer_checkpoint_reason(variant("checkpoint-6")) == f"{TRAINER_STATE} says global_step 2, not 6"
+    (variant("checkpoint-4", "checkpoint-4") / STATE_NAME).write_text("{")
+    assert incomplete_trainer_checkpoint_reason(tmp_path / "checkpoint-4").startswith(f"{STATE_NAME} is unreadable")
+    only_model = variant("renamed")  # a save_only_model or vanilla checkpoint (and no step in the name): complete
+    for name in (STATE_NAME, "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (only_model / name).unlink()
+    assert incomplete_trainer_checkpoint_reason(only_model) is None
 
 
 def test_short_last_window_and_mixin(tmp_path: Path) -> None:
