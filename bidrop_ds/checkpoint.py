@@ -10,7 +10,10 @@ Only when every rank has finished writing (a barrier) does rank 0 add the comple
 `bidrop_complete.json` (the tag's files and their sizes), atomically (temporary file + os.replace),
 and, for DeepSpeed, point DeepSpeed's own `latest` file at the tag. A process killed mid-save leaves
 a tag without the marker: `load_checkpoint` refuses it with `IncompleteCheckpointError`, and
-`latest_complete_tag` skips it. Re-saving an existing tag first removes its marker.
+`latest_complete_tag` skips it. Re-saving an existing tag first removes its marker. The marker also
+holds the world size, the step and the caller's `description` (plain data, e.g. the run's settings),
+which `read_marker` returns without loading the checkpoint: a launcher can check them before it
+builds anything.
 
 Seeded runs (`BiDropConfig(seed=...)`) resume bit for bit: the passes' dropout draws depend only on
 (seed, step_index, pass, rank), and `step_index` is restored. With `seed=None` they come from torch's
@@ -76,6 +79,16 @@ def incomplete_reason(directory: str | os.PathLike, tag: str) -> str | None:
     return None
 
 
+def read_marker(directory: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """The completion marker of a complete tag: format, tag, kind ('deepspeed' or 'torch'),
+    world_size, step_index, written_at, files and the `description` given to save_checkpoint (None
+    if none was). Raises IncompleteCheckpointError if the tag is not complete."""
+    reason = incomplete_reason(directory, tag)
+    if reason is not None:
+        raise IncompleteCheckpointError(f"read_marker: {reason}")
+    return json.loads((Path(directory) / tag / MARKER).read_text(encoding="utf-8"))
+
+
 def latest_complete_tag(directory: str | os.PathLike) -> str | None:
     """The complete tag of `directory` with the highest Bi-Drop step (latest written on ties); None
     if there is none. Incomplete tags are skipped (logged)."""
@@ -107,12 +120,14 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _write_marker(folder: Path, kind: str, bidrop: BiDrop, world: int) -> None:
-    """The completion marker: what was written (files and sizes, checked on load) and at which step."""
+def _write_marker(folder: Path, kind: str, bidrop: BiDrop, world: int, description: Any) -> None:
+    """The completion marker: what was written (files and sizes, checked on load), at which step, by
+    how many ranks, and the caller's description."""
     files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
              if path.is_file() and not path.name.startswith((MARKER, f".{MARKER}.tmp"))}
     info = {"format": FORMAT, "tag": folder.name, "kind": kind, "world_size": world,
-            "step_index": bidrop.step_index, "written_at": time.time(), "files": files}
+            "step_index": bidrop.step_index, "written_at": time.time(), "files": files,
+            "description": description}
     _write_atomically(folder / MARKER, json.dumps(info, indent=2) + "\n")
 
 
@@ -157,13 +172,16 @@ def _agreed_tag(directory: Path, tag: str | None) -> str:
 def save_checkpoint(model: nn.Module, bidrop: BiDrop, directory: str | os.PathLike, tag: str, *,
                     optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    client_state: Mapping[str, Any] | None = None) -> Path:
+                    client_state: Mapping[str, Any] | None = None,
+                    description: Mapping[str, Any] | None = None) -> Path:
     """Save a complete checkpoint of the run as `<directory>/<tag>/`; call it on every rank.
 
     `model` is the DeepSpeed engine (which saves its own optimizer and the LR scheduler given to
     `deepspeed.initialize`) or the plain/DDP model with its `optimizer` (and optional `scheduler`).
     `client_state`: plain data of the caller's (epoch, data position, ...), returned by
-    `load_checkpoint`. Returns the tag's folder.
+    `load_checkpoint`. `description`: JSON-able data of rank 0's stored in the marker, which
+    `read_marker` returns without loading (e.g. the settings a resume must match). Returns the
+    tag's folder.
     """
     kind = _check_arguments("save_checkpoint", model, bidrop, optimizer, scheduler)
     tag = str(tag)
@@ -185,7 +203,7 @@ def save_checkpoint(model: nn.Module, bidrop: BiDrop, directory: str | os.PathLi
         torch.save(state, folder / TORCH_FILE)
     _barrier()  # every rank's files are written
     if rank == 0:
-        _write_marker(folder, kind, bidrop, world)
+        _write_marker(folder, kind, bidrop, world, None if description is None else dict(description))
         if kind == "deepspeed":
             _write_atomically(Path(directory) / DEEPSPEED_LATEST, tag)
     _barrier()  # the marker exists for every rank once save returns

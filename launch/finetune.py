@@ -56,7 +56,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Pre
                           PreTrainedTokenizerBase, get_linear_schedule_with_warmup)
 
 from bidrop_ds import BiDrop, BiDropConfig
-from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, save_checkpoint
+from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, read_marker, save_checkpoint
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute_metrics, load_task, split_batch,
                              tokenize)
@@ -66,8 +66,9 @@ SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only th
 # "Connection reset by peer", "Timed out waiting 5000ms for recv operation to complete").
 GLOO_FAILURE = re.compile(r"Connection (closed|reset) by peer|Connection refused|Timed out waiting")
 DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-# the arguments a resumed run must share with the saved one (the data order, the schedule, the math)
-RESUME_SETTINGS = ("model", "task", "glue_dir", "train_size", "bad_rows", "epochs", "batch_size", "max_length",
+# the arguments a resumed run must share with the saved one (the data order, the schedule, the math);
+# resume_settings adds the model path, the Bi-Drop config and the number of ranks
+RESUME_SETTINGS = ("task", "glue_dir", "train_size", "bad_rows", "epochs", "batch_size", "max_length",
                    "lr", "weight_decay", "warmup_ratio", "train_seed")
 
 
@@ -220,6 +221,32 @@ def resolve_bidrop_config(args: argparse.Namespace, base: Mapping[str, Any] | No
 
 
 # ----- distributed plumbing ---------------------------------------------------------------------
+
+def resume_settings(args: argparse.Namespace, config: BiDropConfig, world: int) -> dict[str, Any]:
+    """The settings a resumed run must share with the saved one (data order, schedule, math),
+    stored in each checkpoint's marker."""
+    return {**{name: getattr(args, name) for name in RESUME_SETTINGS}, "model": args.model or default_model_path(),
+            "bidrop": config.to_dict(), "ranks": world}
+
+
+def check_resume(args: argparse.Namespace, config: BiDropConfig, world: int) -> None:
+    """With --resume: stop before anything is built unless the newest complete checkpoint of
+    --save_dir was saved with this run's settings, naming each difference."""
+    if not args.resume:
+        return
+    tag = latest_complete_tag(args.save_dir)
+    saved = read_marker(args.save_dir, tag)["description"]
+    if not isinstance(saved, dict) or saved.keys() != resume_settings(args, config, world).keys():
+        raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{tag} was not saved by finetune.py "
+                         "--save_dir (its marker holds no finetune.py settings); load it with "
+                         "bidrop_ds.checkpoint.load_checkpoint in the program that wrote it")
+    differ = [f"{name} {saved.get(name)!r}, now {value!r}"
+              for name, value in resume_settings(args, config, world).items() if saved.get(name) != value]
+    if differ:
+        raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{tag} was saved with other settings: "
+                         + "; ".join(differ) + ". Resume with the saved settings, or pick another --save_dir "
+                         "to start afresh")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -533,13 +560,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if not args.deepspeed:
-        return run(args, BiDropConfig.from_args(args), None, started)
+        config = BiDropConfig.from_args(args)
+        check_resume(args, config, 1)
+        return run(args, config, None, started)
     try:  # what can be wrong with the settings fails here, on every rank alike, before any process group
         ds_config, ds_bidrop = load_deepspeed_config(args.deepspeed, args.batch_size, args.chunks,
                                                      launched_world_size())
         config = resolve_bidrop_config(args, ds_bidrop, args.deepspeed)
     except (OSError, ValueError) as err:
         raise SystemExit(f"finetune.py: error: {err}") from None
+    check_resume(args, config, launched_world_size())
     try:
         init_distributed(args.local_rank, args.dist_timeout)
         summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
@@ -605,21 +635,12 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         fisher_batches = bidrop.estimate_fisher(
             (split_batch(batch, args.chunks) if args.chunks > 1 else batch
              for batch in (to_device(b, device) for b in train_loader)), progress=main_rank)
-    settings = {**{name: getattr(args, name) for name in RESUME_SETTINGS}, "model": model_path,
-                "bidrop": config.to_dict(), "ranks": world}
     checkpoint_objects = {"optimizer": None, "scheduler": None} if distributed else {
         "optimizer": optimizer, "scheduler": scheduler}
     resume_from = resume_tag = None
     if args.resume:
         client = load_checkpoint(bidrop.model, bidrop, args.save_dir, **checkpoint_objects)
         resume_tag, resume_from = client["tag"], LoopState(**{**client["loop"], "losses": client["loop"]["losses"][rank]})
-        differ = {name: (client["settings"].get(name), value) for name, value in settings.items()
-                  if client["settings"].get(name) != value}
-        if differ:
-            raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{resume_tag} was saved with other "
-                             "settings: " + "; ".join(f"{name} {saved!r}, now {now!r}" for name, (saved, now)
-                                                       in differ.items())
-                             + ". Resume with the saved settings, or pick another --save_dir to start afresh")
         if main_rank:
             print(f"resuming from {args.save_dir}/{resume_tag}: epoch {resume_from.epoch + 1}, "
                   f"{resume_from.batches_done} of {len(train_loader)} batches done", flush=True)
@@ -628,7 +649,7 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         tag = f"step{state.epoch * len(train_loader) + state.batches_done}"
         loop = {**asdict(state), "losses": _gather_to_all(state.losses)}  # the loss is each rank's own: keep all
         save_checkpoint(bidrop.model, bidrop, args.save_dir, tag, **checkpoint_objects,
-                        client_state={"tag": tag, "loop": loop, "settings": settings})
+                        client_state={"tag": tag, "loop": loop}, description=resume_settings(args, config, world))
 
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
                         device, progress=main_rank, log_every=args.log_every, resume_from=resume_from,

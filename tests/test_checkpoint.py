@@ -19,7 +19,7 @@ import torch
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.checkpoint import (MARKER, TORCH_FILE, IncompleteCheckpointError, incomplete_reason,
-                                  latest_complete_tag, load_checkpoint, save_checkpoint)
+                                  latest_complete_tag, load_checkpoint, read_marker, save_checkpoint)
 from tests.distributed import run_distributed
 from tests.models import random_batch, tiny_bert
 
@@ -70,10 +70,15 @@ def test_incomplete_tags_are_refused_and_skipped(tmp_path: Path, monkeypatch: py
     model, optimizer, _, bidrop = _plain_run(0)
     for tag in ("a", "b"):
         _train(bidrop, None, range(bidrop.step_index, bidrop.step_index + 1))
-        save_checkpoint(model, bidrop, tmp_path, tag, optimizer=optimizer)
+        save_checkpoint(model, bidrop, tmp_path, tag, optimizer=optimizer, description={"run": tag})
     assert latest_complete_tag(tmp_path) == "b"
+    marker = read_marker(tmp_path, "b")
+    assert (marker["description"], marker["step_index"], marker["world_size"], marker["kind"]) == ({"run": "b"}, 2, 1,
+                                                                                                 "torch")
     (tmp_path / "b" / MARKER).unlink()  # what a writer killed before the marker leaves
     assert latest_complete_tag(tmp_path) == "a"
+    with pytest.raises(IncompleteCheckpointError, match=f"read_marker: .*no {MARKER}"):
+        read_marker(tmp_path, "b")
     with pytest.raises(IncompleteCheckpointError, match=rf"refusing tag 'b': rank 0: .*no {MARKER}.*killed mid-save"):
         load_checkpoint(model, bidrop, tmp_path, "b", optimizer=optimizer)
     load_checkpoint(model, bidrop, tmp_path, optimizer=optimizer)  # no tag: the latest complete one

@@ -111,5 +111,14 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(finetune: ModuleT
         finetune.main(small_run(tiny_model, "--resume", "--save_dir", str(tmp_path / "empty")))
     assert "--resume: no complete checkpoint in --save_dir" in capsys.readouterr().err
     finetune.main(small_run(tiny_model, "--save_dir", str(tmp_path / "run")))
-    with pytest.raises(SystemExit, match=r"saved with other settings: lr 0\.0001, now 0\.0002"):
+    with pytest.raises(SystemExit, match=r"step4 was saved with other settings: lr 0\.0001, now 0\.0002"):
         finetune.main(small_run(tiny_model, "--save_dir", str(tmp_path / "run"), "--resume", "--lr", "2e-4"))
+    args = finetune.parse_args(small_run(tiny_model, "--save_dir", str(tmp_path / "run"), "--resume"))
+    config = finetune.BiDropConfig.from_args(args)
+    finetune.check_resume(args, config, 1)
+    with pytest.raises(SystemExit, match=r"ranks 1, now 2\. Resume with the saved settings"):  # before any process group
+        finetune.check_resume(args, config, 2)
+    marker = tmp_path / "run" / "step4" / "bidrop_complete.json"  # as save_checkpoint leaves it without description=
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "description": None}))
+    with pytest.raises(SystemExit, match=r"step4 was not saved by finetune.py --save_dir"):
+        finetune.check_resume(args, config, 1)
