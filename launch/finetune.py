@@ -220,8 +220,6 @@ def resolve_bidrop_config(args: argparse.Namespace, base: Mapping[str, Any] | No
     return BiDropConfig.from_args(layered)
 
 
-# ----- distributed plumbing ---------------------------------------------------------------------
-
 def resume_settings(args: argparse.Namespace, config: BiDropConfig, world: int) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (data order, schedule, math),
     stored in each checkpoint's marker."""
@@ -235,18 +233,19 @@ def check_resume(args: argparse.Namespace, config: BiDropConfig, world: int) -> 
     if not args.resume:
         return
     tag = latest_complete_tag(args.save_dir)
-    saved = read_marker(args.save_dir, tag)["description"]
-    if not isinstance(saved, dict) or saved.keys() != resume_settings(args, config, world).keys():
+    saved, now = read_marker(args.save_dir, tag)["description"], resume_settings(args, config, world)
+    if not isinstance(saved, dict) or saved.keys() != now.keys():
         raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{tag} was not saved by finetune.py "
                          "--save_dir (its marker holds no finetune.py settings); load it with "
                          "bidrop_ds.checkpoint.load_checkpoint in the program that wrote it")
-    differ = [f"{name} {saved.get(name)!r}, now {value!r}"
-              for name, value in resume_settings(args, config, world).items() if saved.get(name) != value]
+    differ = [f"{name} {saved[name]!r}, now {value!r}" for name, value in now.items() if saved[name] != value]
     if differ:
         raise SystemExit(f"finetune.py: error: --resume: {args.save_dir}/{tag} was saved with other settings: "
                          + "; ".join(differ) + ". Resume with the saved settings, or pick another --save_dir "
                          "to start afresh")
 
+
+# ----- distributed plumbing ---------------------------------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as sock:
