@@ -25,7 +25,8 @@ and restored by `train(resume_from_checkpoint=...)`, so seeded runs continue the
 Resuming only ever starts from a complete checkpoint (`incomplete_trainer_checkpoint_reason`): with
 `resume_from_checkpoint=True` the newest complete `checkpoint-N` of `output_dir`, newer incomplete ones
 (a writer killed mid-save) skipped with a warning; `IncompleteCheckpointError` if every one is incomplete,
-or if an explicitly named checkpoint is.
+or if an explicitly named checkpoint is. A checkpoint about to be rewritten loses its old
+`trainer_state.json` first, so a cut rewrite is incomplete too.
 """
 
 from __future__ import annotations
@@ -171,6 +172,15 @@ class BiDropTrainerMixin:
             else:
                 self._bidrop_resume_missing = True
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's save, after removing the `trainer_state.json` of a `checkpoint-N` about to be
+        rewritten (a resumed run reaching step N again): it is the completeness mark, and a save cut
+        short must not leave the old one vouching for half-new files."""
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            (folder / TRAINER_STATE_NAME).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Every resumable checkpoint (not `save_only_model`) also gets the plugin's state."""

@@ -189,6 +189,28 @@ def test_resume_true_skips_an_incomplete_newest_checkpoint(saved_run, tmp_path: 
     assert incomplete_trainer_checkpoint_reason(out / "checkpoint-4") is None  # saved again, complete
 
 
+def test_a_cut_rewrite_of_a_checkpoint_is_not_taken_for_complete(saved_run, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed from checkpoint-2, the run saves checkpoint-4 again and dies while writing the weights: the old
+    trainer_state.json (step 4) must not vouch for the half-new folder."""
+    out = copy_run(saved_run, tmp_path)
+    trainer = BiDropTrainer(model=tiny_bert(1), args=saving_args(out), train_dataset=Rows(),
+                            bidrop_config=SAVED_CONFIG)
+    original = trainer.save_model
+
+    def dies_at_step_4(*args, **kwargs):
+        original(*args, **kwargs)
+        if trainer.state.global_step == 4:
+            raise KeyboardInterrupt("killed after the weights")
+
+    monkeypatch.setattr(trainer, "save_model", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert incomplete_trainer_checkpoint_reason(out / "checkpoint-4") == \
+        f"no {TRAINER_STATE}: its writer did not finish (killed mid-save?)"
+    assert incomplete_trainer_checkpoint_reason(out / "checkpoint-2") is None
+
+
 def test_explicit_incomplete_checkpoint_is_refused(saved_run, tmp_path: Path) -> None:
     """Not the Trainer's crash on the missing trainer_state.json (after loading the weights): a clear refusal that
     names the folder, the reason and the newest complete checkpoint beside it."""
