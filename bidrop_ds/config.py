@@ -164,7 +164,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bidrop_config", metavar="FILE.json", help="Bi-Drop settings as JSON (BiDropConfig keys)")
     for f in fields(BiDropConfig):
         default = f.default
-        helptext = f.metadata["help"] + ("" if f.name == "k" else f" (default: {default})")
+        # the flags default to None (see above); "%(default).0s" prints nothing, and keeps
+        # argparse.ArgumentDefaultsHelpFormatter from appending that None after the field's default
+        helptext = f.metadata["help"] + ("" if f.name == "k" else f" (default: {default})") + "%(default).0s"
         if f.name in ("include", "exclude"):
             group.add_argument(f"--{f.name}", nargs="*", metavar="REGEX", help=helptext)
         elif f.name in ("rescale", "allow_no_dropout"):

@@ -185,3 +185,14 @@ def test_strategy_flags():
     cfg = BiDropConfig.from_args(args)
     assert (cfg.strategy, cfg.score, cfg.max_consecutive_skips, cfg.allow_no_dropout) == ("bidrop", "random", 3, True)
     assert BiDropConfig.from_args(parser.parse_args(["--strategy", "dps", "--dps_window", "4"])).dps_window == 4
+
+
+def test_help_shows_each_field_default_once() -> None:
+    """The flags default to None (so a JSON file can fill them); --help must still show the field's
+    default, and ArgumentDefaultsHelpFormatter must not add that None after it."""
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "in (0, 1] (default: 0.3)" in text and "(default: product)" in text
+    assert "(default: 10) --" in text  # dps_window, then the next flag
+    assert text.count("(default: None)") == 2  # --bidrop_config and --seed, whose defaults are None
