@@ -418,6 +418,10 @@ class LoopState:
     losses: list[float] = field(default_factory=list)  # this epoch's
     layer_kept: list[list] = field(default_factory=list)  # [step, {layer: kept fraction}] every log_every steps
 
+    def steps_done(self, per_epoch: int) -> int:
+        """Batches trained so far over all epochs (the checkpoint tag's N)."""
+        return self.epoch * per_epoch + self.batches_done
+
 
 def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loader: DataLoader,
           epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True,
@@ -432,10 +436,9 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
     bidrop.model.train()
     state = resume_from or LoopState()
     per_epoch = len(loader)
-    position = state.epoch * per_epoch + state.batches_done
-    saved_at = position if resume_from is not None else None
+    saved_at = state.steps_done(per_epoch) if resume_from is not None else None
     generator = loader.generator  # one process: the shuffle order; ranks: None (the sampler's seed and epoch)
-    bar = tqdm(total=epochs * per_epoch, initial=position, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=epochs * per_epoch, initial=state.steps_done(per_epoch), desc="train", unit="step", dynamic_ncols=True,
                disable=not progress)
     for epoch in range(state.epoch, epochs):
         if resume_from is not None and epoch == resume_from.epoch:
@@ -458,14 +461,13 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
                 state.kept.append(result.kept_fraction)
                 if log_every and result.step % log_every == 0:
                     state.layer_kept.append([result.step, bidrop.kept_by_layer()])
-            position += 1
-            if save is not None and save_every and position % save_every == 0:
+            if save is not None and save_every and state.steps_done(per_epoch) % save_every == 0:
                 save(state)
-                saved_at = position
+                saved_at = state.steps_done(per_epoch)
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
     bar.close()
-    if save is not None and saved_at != position:
+    if save is not None and saved_at != state.steps_done(per_epoch):
         save(state)
     # kept fraction and skips are global (every rank decides the same); the loss is this rank's
     return {"train_loss_last_epoch": _mean_over_ranks(state.losses, device), "mean_kept_fraction": _mean(state.kept),
@@ -644,11 +646,13 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
             print(f"resuming from {args.save_dir}/{resume_tag}: epoch {resume_from.epoch + 1}, "
                   f"{resume_from.batches_done} of {len(train_loader)} batches done", flush=True)
 
+    settings = resume_settings(args, config, world)
+
     def save(state: LoopState) -> None:
-        tag = f"step{state.epoch * len(train_loader) + state.batches_done}"
+        tag = f"step{state.steps_done(len(train_loader))}"
         loop = {**asdict(state), "losses": _gather_to_all(state.losses)}  # the loss is each rank's own: keep all
         save_checkpoint(bidrop.model, bidrop, args.save_dir, tag, **checkpoint_objects,
-                        client_state={"tag": tag, "loop": loop}, description=resume_settings(args, config, world))
+                        client_state={"tag": tag, "loop": loop}, description=settings)
 
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
                         device, progress=main_rank, log_every=args.log_every, resume_from=resume_from,
