@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from bidrop_ds import BiDropConfig
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.integrations.accelerate import bidrop_for, chunks_per_step, micro_batch_groups
+from bidrop_ds.models import adamw
 
 SYNTH_VOCAB = 128
 SYNTH_POOLS = ((5, 60), (60, 115))  # token ids [lo, hi) of the negative and the positive pool
@@ -161,13 +162,6 @@ def build(args: argparse.Namespace, accelerator) -> tuple[torch.nn.Module, Datas
     return model, encoded, collator(tokenizer)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
@@ -216,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if total_steps == 0:
         raise SystemExit(f"{len(train_set)} examples make no Bi-Drop step of {chunks} micro-batches of "
                          f"{args.micro_batch} on {world} process(es); raise --train_size")
-    optimizer = build_optimizer(model, lr, args.weight_decay)
+    optimizer = adamw(model, lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, math.floor(args.warmup * total_steps), total_steps)
 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -52,14 +52,15 @@ import torch.distributed as dist
 import transformers
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase, get_linear_schedule_with_warmup)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, read_marker, save_checkpoint
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute_metrics, load_task, split_batch,
                              tokenize)
+from bidrop_ds.models import (adamw, classifier_config, held_elements, load_classifier, load_tokenizer,
+                              no_dropout_reason, zero3_init)
 
 SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only the training
 # gloo reports a vanished or silent peer as a plain RuntimeError ("Connection closed by peer",
@@ -69,7 +70,7 @@ DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 # the arguments a resumed run must share with the saved one (the data order, the schedule, the math);
 # resume_settings adds the model path, the Bi-Drop config and the number of ranks
 RESUME_SETTINGS = ("task", "glue_dir", "train_size", "bad_rows", "epochs", "batch_size", "max_length",
-                   "lr", "weight_decay", "warmup_ratio", "train_seed")
+                   "lr", "weight_decay", "warmup_ratio", "train_seed", "model_dropout")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="HF model name or folder (default: the offline all-MiniLM-L6-v2 package)")
+    parser.add_argument("--model_dropout", type=float, default=None, metavar="P",
+                        help="set every dropout setting of the model's config to P (e.g. attention_dropout, the "
+                             "only one of Llama, Qwen and Mistral models, 0 by default); default: the config's own")
     parser.add_argument("--task", default="vader-movie",
                         help=f"one of {', '.join(TASK_REGISTRY)} (splits and metrics: bidrop_ds/data/tasks.py)")
     parser.add_argument("--glue_dir", default=None,
@@ -125,6 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--train_size, --eval_size and --log_every must be >= 0 (0 means all / never)")
     if args.chunks > args.batch_size:
         parser.error("--chunks must not exceed --batch_size")
+    if args.model_dropout is not None and not 0 <= args.model_dropout < 1:
+        parser.error(f"--model_dropout must be a probability in [0, 1), got {args.model_dropout}")
     if args.dist_timeout is not None and not 0 < args.dist_timeout < math.inf:
         parser.error(f"--dist_timeout must be a number of seconds > 0, got {args.dist_timeout}")
     if args.save_every < 0:
@@ -351,23 +357,27 @@ def subset(split: datasets.Dataset, size: int) -> datasets.Dataset:
     return split.shuffle(seed=SUBSET_SEED).select(range(size))
 
 
-def build_model(path: str, spec: TaskSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Tokenizer and classifier; a checkpoint's head of another size is replaced by a fresh one."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=spec.num_labels, problem_type="regression" if spec.is_regression else None,
-        ignore_mismatched_sizes=True)
-    return model, tokenizer
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the usual exemption of biases and LayerNorm weights from weight decay."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def build_model(path: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, dropout: float | None = None,
+                config: BiDropConfig | None = None, ds_config: Mapping[str, Any] | None = None) -> PreTrainedModel:
+    """The classifier of `path` for `spec` (`bidrop_ds.models`: a checkpoint's head of another size
+    is replaced by a fresh one; a decoder gets the tokenizer's pad token id), with every dropout
+    setting at `dropout` if given (--model_dropout). Under a ZeRO-3 `ds_config` it is built inside
+    deepspeed.zero.Init, partitioned over the ranks, which all call this together. Before any weight
+    is read, a model whose dropout settings are all 0 stops with a one-line error if `config` runs
+    k > 1 Bi-Drop passes (they would be identical) without allow_no_dropout."""
+    try:
+        settings = classifier_config(path, spec.num_labels, "regression" if spec.is_regression else None,
+                                     tokenizer.pad_token_id, dropout)
+    except ValueError as err:  # --model_dropout on a config without dropout settings
+        raise SystemExit(f"finetune.py: error: --model_dropout: {err}") from None
+    reason = no_dropout_reason(settings)
+    if (reason and config is not None and config.strategy == "bidrop" and config.k > 1
+            and not config.allow_no_dropout):
+        raise SystemExit(f"finetune.py: error: --model {path}: {reason}, so the k={config.k} Bi-Drop passes would "
+                         "be identical; raise it with --model_dropout 0.1 (sets every dropout setting of the model "
+                         "config), or run anyway with --allow_no_dropout")
+    with zero3_init(ds_config):
+        return load_classifier(path, settings)
 
 
 def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: int,
@@ -604,15 +614,17 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         task = load_task(args.task, args.glue_dir, bad_rows=args.bad_rows)
         spec, train_split = task.spec, subset(task.train, args.train_size)
         eval_splits = {name: subset(split, args.eval_size) for name, split in task.evals.items()}
-        torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
-        model, tokenizer = build_model(model_path, spec)
+        tokenizer = load_tokenizer(model_path)
         encoded = tokenize(datasets.DatasetDict(train=train_split, **eval_splits), tokenizer,
                            spec.text_columns, args.max_length)
+    torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
+    model = build_model(model_path, spec, tokenizer, args.model_dropout, config, ds_config)  # on all ranks at once
+    built = _gather_to_all(held_elements(model))  # under ZeRO-3: each rank's partition only
     train_loader, eval_loaders = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed,
                                               distributed)
     eval_size = len(next(iter(eval_splits.values())))  # the headline set's
 
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     steps = args.epochs * len(train_loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * steps), steps)
     engine = device = None
@@ -670,6 +682,8 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         "lr_scheduler_steps": scheduler.last_epoch, "final_lr": scheduler.get_last_lr()[0], "ranks": world,
         "plugin_bytes_per_rank": [nbytes for nbytes, _ in plugin],
         "owned_elements_per_rank": [numel for _, numel in plugin],
+        "model_dropout": args.model_dropout, "model_elements": built[0][1],
+        "built_elements_per_rank": [held for held, _ in built],
     }
     if distributed:
         summary.update({

@@ -37,14 +37,17 @@ from bidrop_ds.bidrop import layer_of  # noqa: E402
 from bidrop_ds.core import PassStatistics, scores_into_m2  # noqa: E402
 from bidrop_ds.data import collator, load_task, tokenize  # noqa: E402
 from bidrop_ds.data.glue import spearman  # noqa: E402
+from bidrop_ds.models import adamw, load_tokenizer  # noqa: E402
 
 
 def prepare(args: argparse.Namespace):
     """(model, train loader) of finetune.py's settings, the model seeded by --train_seed."""
     task = load_task(args.task, args.glue_dir, bad_rows=args.bad_rows)
     train_split = finetune.subset(task.train, args.train_size)
+    path = args.model or finetune.default_model_path()
+    tokenizer = load_tokenizer(path)
     torch.manual_seed(args.train_seed)
-    model, tokenizer = finetune.build_model(args.model or finetune.default_model_path(), task.spec)
+    model = finetune.build_model(path, task.spec, tokenizer, args.model_dropout)
     encoded = tokenize(datasets.DatasetDict(train=train_split, eval=train_split.select([0])), tokenizer,
                        task.spec.text_columns, args.max_length)
     loader, _ = finetune.make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed)
@@ -56,7 +59,7 @@ def bidrop_run(args: argparse.Namespace,
     """((name, numel) of the eligible parameters, mean score per element, mean squared batch gradient)."""
     model, loader = prepare(args)
     model.train()
-    optimizer = finetune.build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     steps = args.epochs * len(loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * steps), steps)
     bidrop = BiDrop(model, optimizer, config)
@@ -98,7 +101,7 @@ def vanilla_displacement(args: argparse.Namespace, config: BiDropConfig, names: 
     model.train()
     params = dict(model.named_parameters())
     start = torch.cat([params[name].detach().reshape(-1).clone() for name in names])
-    optimizer = finetune.build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = adamw(model, args.lr, args.weight_decay)
     bidrop = BiDrop(model, optimizer, dataclasses.replace(config, strategy="vanilla", k=1))
     steps = args.epochs * len(loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * steps), steps)

@@ -42,11 +42,12 @@ def ds_config(stage: int, precision: str, chunks: int, world: int, accumulate_fp
     return config
 
 
-def make_engine(stage: int, precision: str, chunks: int, seed: int = 0, accumulate_fp32: bool = True):
-    """A DeepSpeed engine (on DeepSpeed's accelerator) over the tiny BERT with SGD at LR."""
+def make_engine(stage: int, precision: str, chunks: int, seed: int = 0, accumulate_fp32: bool = True,
+                model: torch.nn.Module | None = None):
+    """A DeepSpeed engine (on DeepSpeed's accelerator) over `model` (default: the tiny BERT) with SGD at LR."""
     import deepspeed
 
-    model = tiny_bert(seed=seed)
+    model = tiny_bert(seed=seed) if model is None else model
     config = ds_config(stage, precision, chunks, dist.get_world_size(), accumulate_fp32)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                       config=config)
@@ -59,11 +60,11 @@ def _gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
-                              config: BiDropConfig) -> tuple[dict, list[torch.Tensor]]:
-    """Run one step, recording each pass's partition as the plugin reads it, and compare the fp32
-    master update with LR x the oracle's update over all ranks' eligible elements (ineligible ones:
-    LR x the plain mean).
+def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict], config: BiDropConfig,
+                              loss_fn=None) -> tuple[dict, list[torch.Tensor]]:
+    """Run one step (`loss_fn`: default the model's own loss), recording each pass's partition as
+    the plugin reads it, and compare the fp32 master update with LR x the oracle's update over all
+    ranks' eligible elements (ineligible ones: LR x the plain mean).
 
     fp16: the partition holds gradients times the loss scale S in force during the passes, and
     DeepSpeed divides by S before its step, so the recorded passes are divided by S (a power of
@@ -86,7 +87,7 @@ def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
 
     bidrop.stats.update = recording_update
     before = backend.partition.master().cpu()
-    result = bidrop.step(chunks)
+    result = bidrop.step(chunks, loss_fn=loss_fn)
     del bidrop.stats.update
     after = backend.partition.master().cpu()
     ds_skipped = engine.skipped_steps - ds_skipped if engine is not None else 0

@@ -9,9 +9,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaForSequenceClassification
 
 from tests.data.test_vader import write_ground_truth
+from tests.models import padless_tokenizer, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "finetune.py"
@@ -44,6 +46,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, finetune: ModuleType) -
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama classifier as a decoder LLM checkpoint comes: no pad token in its tokenizer (a
+    word-level one over the words of `vader_cache`) or config, attention_dropout 0 (the default)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = "a warm , funny and moving film dull clumsy tedious mess number".split() + [str(i) for i in range(400)]
+    tokenizer = padless_tokenizer(words)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_llama_config(vocab_size=len(tokenizer), attention_dropout=0.0,
+                                                     max_position_embeddings=64)).save_pretrained(folder)
     return folder
 
 
