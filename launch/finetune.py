@@ -40,11 +40,11 @@ import socket
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import datasets
 import torch
@@ -57,8 +57,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, read_marker, save_checkpoint
 from bidrop_ds.config import add_config_arguments
-from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, TaskSpec, collator, compute_metrics, load_task, split_batch,
-                             tokenize)
+from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, DataSource, TaskSpec, add_data_arguments, collator,
+                             compute_metrics, load_custom, load_task, split_batch, tokenize)
+from bidrop_ds.data.tasks import dev_split
 from bidrop_ds.models import (adamw, classifier_config, held_elements, load_classifier, load_tokenizer,
                               no_dropout_reason, zero3_init)
 
@@ -70,23 +71,40 @@ DS_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 # the arguments a resumed run must share with the saved one (the data order, the schedule, the math);
 # resume_settings adds the model path, the Bi-Drop config and the number of ranks
 RESUME_SETTINGS = ("task", "glue_dir", "train_size", "bad_rows", "epochs", "batch_size", "max_length",
-                   "lr", "weight_decay", "warmup_ratio", "train_seed", "model_dropout")
+                   "lr", "weight_decay", "warmup_ratio", "train_seed", "model_dropout", "dev_size",
+                   *(f.name for f in fields(DataSource)))
+DEFAULT_TASK = "vader-movie"
+DEV = "dev"  # the split name of the --dev_size rows (no task has a held-out set of that name)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are the one line `finetune.py: error: ...` (exit 2), without
+    the usage block (dozens of lines here) that argparse prints first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="finetune.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="HF model name or folder (default: the offline all-MiniLM-L6-v2 package)")
     parser.add_argument("--model_dropout", type=float, default=None, metavar="P",
                         help="set every dropout setting of the model's config to P (e.g. attention_dropout, the "
                              "only one of Llama, Qwen and Mistral models, 0 by default); default: the config's own")
-    parser.add_argument("--task", default="vader-movie",
-                        help=f"one of {', '.join(TASK_REGISTRY)} (splits and metrics: bidrop_ds/data/tasks.py)")
+    parser.add_argument("--task", default=None,
+                        help=f"one of {', '.join(TASK_REGISTRY)} (splits and metrics: bidrop_ds/data/tasks.py); "
+                             f"default {DEFAULT_TASK}, unless your own data is given (--train_file, --dataset_name)")
     parser.add_argument("--glue_dir", default=None,
                         help="folder with the official GLUE task folders (CoLA/, RTE/, ...); default: the hub")
     parser.add_argument("--train_size", type=int, default=3072, help="train examples used (0: all)")
     parser.add_argument("--eval_size", type=int, default=0, help="examples evaluated per held-out set (0: all)")
+    parser.add_argument("--dev_size", type=int, default=0, metavar="N",
+                        help="carve N dev examples off the train split (seeded, the same for every --train_seed; "
+                             "disjoint from the held-out sets and from the --train_size examples trained on), "
+                             "evaluate dev and held-out sets after every epoch, and report the held-out metrics "
+                             "at the best-dev epoch besides the last (0: no dev split, one evaluation at the end)")
     parser.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
                         help="a malformed row in a data file: stop with an error naming file and line, or skip it "
                              "(a warning counts the skipped rows)")
@@ -120,13 +138,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in --save_dir (same settings; bit for "
                              "bit with --seed, except DPS)")
+    add_data_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "max_length", "chunks"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.train_size < 0 or args.eval_size < 0 or args.log_every < 0:
-        parser.error("--train_size, --eval_size and --log_every must be >= 0 (0 means all / never)")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_size", "eval_size", "dev_size", "log_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0 (0 means all / none / never), got {getattr(args, name)}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be a learning rate > 0, got {args.lr}")
+    if not 0 <= args.weight_decay < math.inf:
+        parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.warmup_ratio <= 1:
+        parser.error(f"--warmup_ratio must be a fraction in [0, 1], got {args.warmup_ratio}")
+    try:
+        args.data = DataSource.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.data is not None and (args.task is not None or args.glue_dir is not None):
+        parser.error("give --task (and --glue_dir) or your own data (--train_file / --dataset_name), not both")
+    args.task = args.data.name if args.data is not None else args.task or DEFAULT_TASK
+    if args.data is None and args.task not in TASK_REGISTRY:
+        parser.error(f"unknown --task {args.task!r}: expected one of {', '.join(TASK_REGISTRY)}, or your own data "
+                     "with --train_file / --dataset_name")
+    if args.model is not None and _looks_like_path(args.model) and not Path(args.model).expanduser().is_dir():
+        parser.error(f"--model {args.model}: no such folder (give a model folder or a hub model id)")
     if args.chunks > args.batch_size:
         parser.error("--chunks must not exceed --batch_size")
     if args.model_dropout is not None and not 0 <= args.model_dropout < 1:
@@ -141,6 +179,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resume: no complete checkpoint in --save_dir {args.save_dir} (a tag counts once its "
                      "bidrop_complete.json is written); drop --resume to start afresh")
     return args
+
+
+def _looks_like_path(model: str) -> bool:
+    """Whether --model names a folder rather than a hub id (`org/name`): absolute, ~, ./ or ../, or existing."""
+    return os.path.isabs(model) or model.startswith(("~", "./", "../")) or os.path.exists(model)
 
 
 def default_model_path() -> str:
@@ -333,15 +376,43 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class LoadError(Exception):
+    """A mistake found while loading the data or the tokenizer (a file, a column, a row, a hub id that
+    cannot be reached), known to every rank alike: `main` reports it as one line on rank 0 (naming
+    the rank it happened on if not 0), and every rank exits."""
+
+    def __init__(self, message: str, rank: int = 0) -> None:
+        super().__init__(message if rank == 0 else f"rank {rank}: {message}")
+
+
 @contextmanager
 def rank_zero_first() -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, dataset caches), then the other ranks."""
+    """Rank 0 runs the block first (downloads, dataset caches), then the other ranks.
+
+    An OSError or ValueError in the block becomes a LoadError on every rank: after each turn the
+    ranks exchange its outcome (one small all-gather, which is also the wait), so a mistake on one
+    rank never leaves the others waiting in a collective, and ranks whose turn comes after a failed
+    one do not run the block at all."""
     rank, world = _world()
     if world > 1 and rank != 0:
-        dist.barrier()
-    yield
-    if world > 1 and rank == 0:
-        dist.barrier()
+        _raise_first_failure(None)  # rank 0's turn
+    failure = None
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        failure = str(err)
+    if rank == 0:
+        _raise_first_failure(failure)  # rank 0's turn (one process: this raises its failure)
+    if world > 1:
+        _raise_first_failure(failure if rank != 0 else None)  # the other ranks' turn
+
+
+def _raise_first_failure(failure: str | None) -> None:
+    """Every rank contributes its failure message (or None); if any has one, raise LoadError with the
+    lowest failing rank's on every rank."""
+    for rank, message in enumerate(_gather_to_all(failure)):
+        if message is not None:
+            raise LoadError(message, rank)
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str | None) -> dict[str, torch.Tensor]:
@@ -407,6 +478,29 @@ def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: 
     return train_loader, eval_loaders
 
 
+def best_dev_row(history: Sequence[Mapping[str, float]], metric: str) -> Mapping[str, float]:
+    """The epoch row of `history` with the highest dev `metric` (every task metric is better higher);
+    the earliest on a tie; a NaN dev score (a constant prediction's correlation) is never best, and
+    the last row is taken when every one is NaN."""
+    scored = [row for row in history if not math.isnan(row[f"{DEV}_{metric}"])]
+    return max(scored, key=lambda row: row[f"{DEV}_{metric}"]) if scored else history[-1]
+
+
+def held_out_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """The held-out keys of an `epoch_history` row (those of the final evaluation: eval_loss, the
+    metrics, eval_examples, and the other sets' prefixed ones), without epoch, train_loss and dev_*."""
+    return {key: value for key, value in row.items()
+            if key not in ("epoch", "train_loss") and not key.startswith(f"{DEV}_")}
+
+
+def describe_labels(spec: TaskSpec) -> str:
+    """'regression' or 'N classes: a, b, ...'."""
+    if spec.is_regression:
+        return "regression"
+    names = ", ".join(spec.label_names[:10]) + (", ..." if len(spec.label_names) > 10 else "")
+    return f"{spec.num_labels} classes" + (f": {names}" if names else "")
+
+
 def describe_strategy(config: BiDropConfig) -> str:
     """One line naming the mask rule and its settings."""
     if config.strategy == "bidrop":
@@ -427,6 +521,7 @@ class LoopState:
     kept: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # this epoch's
     layer_kept: list[list] = field(default_factory=list)  # [step, {layer: kept fraction}] every log_every steps
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch (`end_of_epoch`)
 
     def steps_done(self, per_epoch: int) -> int:
         """Batches trained so far over all epochs (the checkpoint tag's N)."""
@@ -436,13 +531,16 @@ class LoopState:
 def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loader: DataLoader,
           epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True,
           log_every: int = 0, resume_from: LoopState | None = None,
-          save: Callable[[LoopState], None] | None = None, save_every: int = 0) -> dict[str, Any]:
+          save: Callable[[LoopState], None] | None = None, save_every: int = 0,
+          end_of_epoch: Callable[[int, float], dict[str, float]] | None = None) -> dict[str, Any]:
     """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss (over all
     ranks), the mean kept fraction, the number of skipped (non-finite) steps and, every `log_every`
     steps (0: never), the kept fraction per layer. `scheduler` is stepped after every batch; pass
     None when the DeepSpeed engine steps it itself. `resume_from`: a checkpoint's state, whose
     epoch is replayed in its order up to the batches already done. `save(state)` is called every
-    `save_every` steps (0: never) and after the last one."""
+    `save_every` steps (0: never) and after the last one. `end_of_epoch(epoch, mean loss over the
+    ranks)`, called on every rank after each epoch (once: not again for an epoch a resumed checkpoint
+    has already recorded), returns that epoch's row of `epoch_history` (dev and held-out metrics)."""
     bidrop.model.train()
     state = resume_from or LoopState()
     per_epoch = len(loader)
@@ -476,12 +574,15 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
                 saved_at = state.steps_done(per_epoch)
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
+        if end_of_epoch is not None and len(state.history) == epoch:
+            state.history.append(end_of_epoch(epoch, _mean_over_ranks(state.losses, device)))
+            bidrop.model.train()  # evaluation left it in eval mode
     bar.close()
     if save is not None and saved_at != state.steps_done(per_epoch):
         save(state)
     # kept fraction and skips are global (every rank decides the same); the loss is this rank's
     return {"train_loss_last_epoch": _mean_over_ranks(state.losses, device), "mean_kept_fraction": _mean(state.kept),
-            "skipped_steps": state.skipped, "layer_kept": state.layer_kept}
+            "skipped_steps": state.skipped, "layer_kept": state.layer_kept, "epoch_history": state.history}
 
 
 def evaluate(model: torch.nn.Module, loaders: Mapping[str, DataLoader], spec: TaskSpec,
@@ -571,9 +672,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if not args.deepspeed:
-        config = BiDropConfig.from_args(args)
+        try:
+            config = BiDropConfig.from_args(args)
+        except (OSError, ValueError) as err:  # a Bi-Drop setting out of range, an unreadable --bidrop_config
+            raise SystemExit(f"finetune.py: error: {err}") from None
         check_resume(args, config, 1)
-        return run(args, config, None, started)
+        try:
+            return run(args, config, None, started)
+        except LoadError as err:
+            raise SystemExit(f"finetune.py: error: {err}") from None
     try:  # what can be wrong with the settings fails here, on every rank alike, before any process group
         ds_config, ds_bidrop = load_deepspeed_config(args.deepspeed, args.batch_size, args.chunks,
                                                      launched_world_size())
@@ -585,6 +692,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         init_distributed(args.local_rank, args.dist_timeout)
         summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
         close_distributed()
+    except LoadError as err:  # raised on every rank at the same point: rank 0 reports it, all exit
+        reporter = dist.get_rank() == 0
+        close_distributed()
+        raise SystemExit(f"finetune.py: error: {err}" if reporter else 1) from None
     except RuntimeError as err:
         message = lost_contact_message(err)
         if message is None:
@@ -608,20 +719,23 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     model_path = args.model or default_model_path()
-    if args.task not in TASK_REGISTRY:
-        raise ValueError(f"unknown --task {args.task!r}: expected one of {', '.join(TASK_REGISTRY)}")
     with rank_zero_first():  # rank 0 downloads and fills the dataset caches, then the others read them
-        task = load_task(args.task, args.glue_dir, bad_rows=args.bad_rows)
-        spec, train_split = task.spec, subset(task.train, args.train_size)
+        task = (load_custom(args.data, args.bad_rows) if args.data is not None
+                else load_task(args.task, args.glue_dir, bad_rows=args.bad_rows))
+        train_rows, dev_rows = dev_split(task.train, args.dev_size) if args.dev_size else (task.train, None)
+        spec, train_split = task.spec, subset(train_rows, args.train_size)
         eval_splits = {name: subset(split, args.eval_size) for name, split in task.evals.items()}
         tokenizer = load_tokenizer(model_path)
-        encoded = tokenize(datasets.DatasetDict(train=train_split, **eval_splits), tokenizer,
-                           spec.text_columns, args.max_length)
+        encoded = tokenize(datasets.DatasetDict(train=train_split, **({DEV: dev_rows} if args.dev_size else {}),
+                                                **eval_splits), tokenizer, spec.text_columns, args.max_length)
     torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation
     model = build_model(model_path, spec, tokenizer, args.model_dropout, config, ds_config)  # on all ranks at once
     built = _gather_to_all(held_elements(model))  # under ZeRO-3: each rank's partition only
+    if spec.label_names:  # the class names, for whoever saves or serves the model
+        model.config.id2label, model.config.label2id = spec.id2label, spec.label2id
     train_loader, eval_loaders = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed,
                                               distributed)
+    dev_loader = eval_loaders.pop(DEV, None)
     eval_size = len(next(iter(eval_splits.values())))  # the headline set's
 
     optimizer = adamw(model, args.lr, args.weight_decay)
@@ -639,8 +753,9 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         bidrop = BiDrop(model, optimizer, config)
     if main_rank:
         held_out = " + ".join(f"{len(split)} {name}" for name, split in eval_splits.items())
-        print(f"{args.task}: {len(train_split)} train / {held_out} held-out examples, {steps} steps, "
-              f"model {model_path}, {describe_strategy(config)}", flush=True)
+        dev = f" / {len(dev_rows)} dev" if args.dev_size else ""
+        print(f"{args.task} ({describe_labels(spec)}): {len(train_split)} train{dev} / {held_out} held-out examples, "
+              f"{steps} steps, model {model_path}, {describe_strategy(config)}", flush=True)
 
     fisher_batches = 0
     if config.strategy == "childtuning-d":  # its fixed mask: Fisher information over one pass of the train set
@@ -666,16 +781,38 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         save_checkpoint(bidrop.model, bidrop, args.save_dir, tag, **checkpoint_objects,
                         client_state={"tag": tag, "loop": loop}, description=settings)
 
+    headline = spec.metrics[0]
+
+    def end_of_epoch(epoch: int, train_loss: float) -> dict[str, float]:
+        """The --dev_size row of `epoch_history`: dev and held-out metrics after `epoch` (rank 0's, on every rank)."""
+        dev = evaluate(model, {DEV: dev_loader}, spec, device, progress=False)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **{f"{DEV}_{key}": value for key, value in dev.items()},
+               **evaluate(model, eval_loaders, spec, device, progress=False)}
+        if main_rank:
+            print(f"epoch {epoch + 1}/{args.epochs}: train_loss={train_loss:.4f} dev {headline}="
+                  f"{row[f'{DEV}_{headline}']:.4f} held-out {headline}={row[headline]:.4f}", flush=True)
+        return _gather_to_all(row)[0]
+
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
                         device, progress=main_rank, log_every=args.log_every, resume_from=resume_from,
-                        save=save if args.save_dir else None, save_every=args.save_every)
+                        save=save if args.save_dir else None, save_every=args.save_every,
+                        end_of_epoch=end_of_epoch if args.dev_size else None)
     train_stats.update(fisher_batches=fisher_batches, resumed_from=resume_tag)
-    eval_stats = evaluate(model, eval_loaders, spec, device, progress=main_rank)
+    history = train_stats["epoch_history"]
+    if args.dev_size:  # the last row was evaluated on the final weights
+        best = best_dev_row(history, headline)
+        eval_stats = held_out_metrics(history[-1])
+        train_stats.update(best_dev_epoch=best["epoch"], at_best_dev_epoch=held_out_metrics(best))
+    else:
+        eval_stats = evaluate(model, eval_loaders, spec, device, progress=main_rank)
     plugin = _gather_to_all((bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes, bidrop.backend.numel))
     summary = {
         "task": args.task, "model": model_path, "train_size": len(train_split), "eval_size": eval_size,
         "eval_sets": {name: len(split) for name, split in eval_splits.items()}, "bad_rows": args.bad_rows,
-        "headline_metric": spec.metrics[0],
+        "data": args.data.to_argv() if args.data is not None else None,
+        "dev_size": len(dev_rows) if args.dev_size else 0, "label2id": spec.label2id,
+        "id2label": {str(index): name for index, name in spec.id2label.items()},  # as JSON writes it
+        "headline_metric": headline,
         "epochs": args.epochs, "batch_size": args.batch_size, "chunks": args.chunks, "max_length": args.max_length,
         "lr": args.lr, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
         "train_seed": args.train_seed, "bidrop": config.to_dict(), "steps": steps,
@@ -696,7 +833,6 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
     summary.update({**train_stats, **eval_stats, "wall_seconds": round(time.perf_counter() - started, 1)})
     if not main_rank:
         return summary  # the held-out metrics live on rank 0
-    headline = spec.metrics[0]
     if distributed:
         print(f"deepspeed: ranks={world} zero_stage={summary['zero_stage']} dtype={summary['dtype']} "
               f"micro_batch={summary['micro_batch']} x chunks={args.chunks} x ranks={world} = batch {args.batch_size}; "
@@ -706,6 +842,10 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         prefix = f"{name}_" if position else ""
         print(f"held-out {name} ({eval_stats[prefix + 'eval_examples']} examples): "
               + ", ".join(f"{key}={eval_stats[prefix + key]:.4f}" for key in ("eval_loss", *spec.metrics)))
+    if args.dev_size:
+        best = summary["at_best_dev_epoch"]
+        print(f"best dev epoch {summary['best_dev_epoch']}/{args.epochs}: held-out {headline}={best[headline]:.4f} "
+              f"(last epoch: {eval_stats[headline]:.4f})")
     print(f"done: {args.task} {headline}={eval_stats[headline]:.4f} eval_loss={eval_stats['eval_loss']:.4f} "
           f"train_loss={train_stats['train_loss_last_epoch']:.4f} kept={train_stats['mean_kept_fraction']:.3f} "
           f"skipped={train_stats['skipped_steps']} in {summary['wall_seconds']:.0f}s", flush=True)

@@ -5,13 +5,21 @@ summary JSON under OUT/runs/; a run whose JSON exists is skipped, so an interrup
 where it stopped. At the end (and with --report_only) the summaries are aggregated into
 OUT/results.md and OUT/results.csv (mean, std and max over seeds per task and held-out set, and
 the average over them) and plotted: OUT/scores.png (score by strategy, every seed shown) and
-OUT/kept_by_layer.png (Bi-Drop's kept fraction per layer over training).
+OUT/kept_by_layer.png (Bi-Drop's kept fraction per layer over training). Runs with a dev split
+(`-- --dev_size N`) get a second table, CSV rows with `at` = `best_dev` and
+OUT/scores_best_dev.png: the held-out scores at each run's best-dev epoch, beside the last epoch's.
+
+Your own data instead of --tasks: the finetune.py data flags (--train_file, --validation_file,
+--test_file, --dataset_name, --dataset_config, --text_column, --label_column, --validation_split)
+given to run_suite.py go to every run; the data set's name (the train file's stem) is its task.
 
     python launch/run_suite.py --out runs/main --strategies vanilla bidrop childtuning-d childtuning-f dps \\
         --tasks vader-movie-lowres-1000 vader-transfer --seeds 0 1 2 3 4
     python launch/run_suite.py --out runs/k --strategies bidrop --sweep k=2,4,8 --seeds 0 1 2
     python launch/run_suite.py --out runs/demo --strategies vanilla bidrop --ranks 2 \\
         --deepspeed ds_configs/zero2_fp32.json -- --train_size 2048
+    python launch/run_suite.py --out runs/mine --train_file reviews.csv --text_column review --label_column stars \\
+        -- --train_size 0 --epochs 5 --dev_size 200
 
 Arguments after `--` go to every finetune.py run (e.g. --train_size, --epochs, --lr, --model).
 """
@@ -36,10 +44,14 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from bidrop_ds.config import ABLATIONS, STRATEGIES  # noqa: E402
+from bidrop_ds.data.custom import DataSource, add_data_arguments  # noqa: E402
 
 FINETUNE = Path(__file__).resolve().parent / "finetune.py"
 MULTI_PASS = {"bidrop", *ABLATIONS}  # the strategies whose k may be swept
 SWEEPABLE = {"k", "p", "batch_size", "lr", "dps_window", "train_size", "chunks", "epochs"}
+DEFAULT_TASKS = ["vader-movie"]
+# the scores tabulated: at the last epoch (every run) and at the best-dev epoch (runs with --dev_size)
+SELECTIONS = {"last": "the last epoch", "best_dev": "the best-dev epoch (chosen on the dev split)"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--strategies", nargs="+", default=["vanilla", "bidrop"],
                         choices=STRATEGIES + tuple(ABLATIONS), metavar="NAME",
                         help=f"any of {', '.join(STRATEGIES + tuple(ABLATIONS))}")
-    parser.add_argument("--tasks", nargs="+", default=["vader-movie"], help="finetune.py --task names")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"finetune.py --task names (default: {' '.join(DEFAULT_TASKS)}), or your own data below")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                         help="each seeds the head's init, the batch order and the dropout/mask draws")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
@@ -84,7 +97,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP threads per process (default: the CPU cores / ranks)")
     parser.add_argument("--report_only", action="store_true", help="tabulate and plot the finished runs only")
+    add_data_arguments(parser)
     args = parser.parse_args(own)
+    try:
+        args.data = DataSource.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.data is not None and args.tasks is not None:
+        parser.error("give --tasks or your own data (--train_file / --dataset_name), not both")
+    args.tasks = [args.data.name] if args.data is not None else args.tasks or DEFAULT_TASKS
     if args.ranks < 1 or (args.ranks > 1 and not args.deepspeed):
         parser.error("--ranks N > 1 runs DeepSpeed ranks: give --deepspeed FILE.json (ds_configs/zero2_fp32.json)")
     try:
@@ -126,7 +147,8 @@ def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) 
     launcher = [sys.executable]
     if args.ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks)]
-    cmd = launcher + [str(FINETUNE), "--task", run.task, "--strategy", run.strategy, "--train_seed", str(run.seed),
+    data = args.data.to_argv() if args.data is not None else ["--task", run.task]
+    cmd = launcher + [str(FINETUNE), *data, "--strategy", run.strategy, "--train_seed", str(run.seed),
                       "--seed", str(run.seed), "--log_every", str(args.log_every), "--output_json", str(output)]
     if args.deepspeed:
         cmd += ["--deepspeed", args.deepspeed]
@@ -180,43 +202,50 @@ def _has_cuda() -> bool:
 
 # ----- the report ---------------------------------------------------------------------------------
 
-def score_columns(summary: dict[str, Any], task: str) -> dict[str, float]:
-    """The headline metric of every held-out set of one run: {"task": x, "task/tweets": y, ...}."""
+def score_columns(summary: dict[str, Any], task: str, at: str = "last") -> dict[str, float]:
+    """The headline metric of every held-out set of one run, {"task": x, "task/tweets": y, ...}, at
+    the last epoch (`at="last"`) or at the best-dev epoch (`"best_dev"`; {} for a run without a dev split)."""
+    scores = summary if at == "last" else summary.get("at_best_dev_epoch")
+    if scores is None:
+        return {}
     metric = summary["headline_metric"]
-    columns = {task: summary[metric]}
+    columns = {task: scores[metric]}
     for name in list(summary.get("eval_sets", {}))[1:]:
-        columns[f"{task}/{name}"] = summary[f"{name}_{metric}"]
+        columns[f"{task}/{name}"] = scores[f"{name}_{metric}"]
     return columns
 
 
-def collect(runs: list[Run], out: Path) -> tuple[dict[tuple[str, str], list[float]], dict[str, str]]:
-    """{(row label, column): [score per finished seed]} and {column: metric name}."""
-    scores: dict[tuple[str, str], list[float]] = {}
+def collect(runs: list[Run], out: Path) -> tuple[dict[tuple[str, str, str], list[float]], dict[str, str]]:
+    """{(selection, row label, column): [score per finished seed]} and {column: metric name}."""
+    scores: dict[tuple[str, str, str], list[float]] = {}
     metrics: dict[str, str] = {}
     for run in runs:
         path = result_path(out, run)
         if not path.exists():
             continue
         summary = json.loads(path.read_text(encoding="utf-8"))
-        for column, value in score_columns(summary, run.task).items():
-            scores.setdefault((run.label, column), []).append(float(value))
-            metrics[column] = summary["headline_metric"]
+        for at in SELECTIONS:
+            for column, value in score_columns(summary, run.task, at).items():
+                scores.setdefault((at, run.label, column), []).append(float(value))
+                metrics[column] = summary["headline_metric"]
     return scores, metrics
 
 
 def aggregate(runs: list[Run], out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """Rows of (label, column, seeds, mean, std, max); the row labels and columns in plan order."""
+    """Rows of (selection, label, column, seeds, mean, std, max); the row labels and columns in plan order."""
     scores, metrics = collect(runs, out)
     labels = list(dict.fromkeys(run.label for run in runs))
-    columns = list(dict.fromkeys(column for (_, column) in scores))
+    columns = list(dict.fromkeys(column for (_, _, column) in scores))
     rows = []
-    for label in labels:
-        for column in columns:
-            values = scores.get((label, column), [])
-            if values:
-                rows.append({"strategy": label, "column": column, "metric": metrics[column], "seeds": len(values),
-                             "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                             "max": max(values), "values": values})
+    for at in SELECTIONS:
+        for label in labels:
+            for column in columns:
+                values = scores.get((at, label, column), [])
+                if values:
+                    rows.append({"at": at, "strategy": label, "column": column, "metric": metrics[column],
+                                 "seeds": len(values), "mean": statistics.fmean(values),
+                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                 "max": max(values), "values": values})
     return rows, labels, columns
 
 
@@ -243,16 +272,21 @@ def write_report(runs: list[Run], out: Path, command_line: str) -> str:
     rows, labels, columns = aggregate(runs, out)
     if not rows:
         return "run_suite: no finished run to report\n"
-    table = markdown_table(rows, labels, columns)
+    by_selection = {at: [row for row in rows if row["at"] == at] for at in SELECTIONS}
+    table = "\n".join(f"Held-out at {SELECTIONS[at]}:\n\n{markdown_table(chosen, labels, columns)}"
+                      for at, chosen in by_selection.items() if chosen)
     text = (f"# Results\n\nScores x 100 on the held-out sets: mean ± std over seeds (max over seeds, n = seeds).\n\n"
             f"{table}\nCommand: `{command_line}`\n")
     (out / "results.md").write_text(text, encoding="utf-8")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["strategy", "column", "metric", "seeds", "mean", "std", "max", "values"])
+        writer = csv.DictWriter(handle, fieldnames=["at", "strategy", "column", "metric", "seeds", "mean", "std",
+                                                    "max", "values"])
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "values": " ".join(f"{v:.6f}" for v in row["values"])})
-    plot_scores(rows, labels, columns, out / "scores.png")
+    for at, chosen in by_selection.items():
+        if chosen:
+            plot_scores(chosen, labels, columns, out / ("scores.png" if at == "last" else f"scores_{at}.png"))
     plot_kept_by_layer(runs, out, out / "kept_by_layer.png")
     return table
 

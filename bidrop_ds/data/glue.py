@@ -29,6 +29,16 @@ class TaskSpec:
     metrics: tuple[str, ...]  # keys of `compute_metrics`; the first is the headline number
     label_names: tuple[str, ...] = ()  # class names in label order (hub ClassLabel), empty for regression
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> name, as a model config's `id2label` holds it (empty for regression)."""
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Class name -> id, as a model config's `label2id` holds it (empty for regression)."""
+        return {name: index for index, name in enumerate(self.label_names)}
+
 
 TASKS: dict[str, TaskSpec] = {
     "cola": TaskSpec(("sentence",), 2, False, ("mcc",), ("unacceptable", "acceptable")),
@@ -72,7 +82,11 @@ def load_glue(task: str, data_dir: str | os.PathLike[str] | None = None,
     spec = task_spec(task)
     check_bad_rows(bad_rows)
     if data_dir is None:
-        return datasets.load_dataset("nyu-mll/glue", task)
+        try:
+            return datasets.load_dataset("nyu-mll/glue", task)
+        except ConnectionError as err:  # offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and not cached, or no network
+            raise ConnectionError(f"GLUE {task}: {err}; pass data_dir (finetune.py: --glue_dir) = a folder of the "
+                                  "official GLUE TSV files, or load it once online to fill the datasets cache") from None
     folder = Path(data_dir) / _LAYOUTS[task].folder
     return datasets.DatasetDict({split: _read_tsv(task, spec, folder / f"{stem}.tsv", split, bad_rows)
                                  for split, stem in (("train", "train"), ("validation", "dev"))})
@@ -162,6 +176,18 @@ def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
 
 
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean over classes of each class's F1 (one class against the rest), over the classes
+    that occur in the labels or the predictions (the sklearn `average="macro"` default)."""
+    classes = np.union1d(predictions, labels)
+    scores = []
+    for cls in classes:
+        tp = np.sum((predictions == cls) & (labels == cls))
+        wrong = np.sum((predictions == cls) != (labels == cls))
+        scores.append(2 * tp / (2 * tp + wrong))  # tp + wrong > 0: cls occurs somewhere
+    return float(np.mean(scores))
+
+
 def mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation of binary predictions; 0 when a row or column of the confusion matrix
     is empty (the sklearn convention)."""
@@ -199,7 +225,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": accuracy, "f1": f1, "mcc": mcc, "pearson": pearson, "spearman": spearman,
+    "accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "mcc": mcc, "pearson": pearson, "spearman": spearman,
 }
 
 

@@ -29,6 +29,10 @@ module), the subsets below from `random.Random(SUBSET_SEED = 0)`.
   minority) class, which is what an imbalance hurts, then accuracy.
 
 Within a split, examples keep the order of the source split (the loaders shuffle).
+
+A dev split for model selection (`dev_split`, finetune.py --dev_size N) is carved off a task's train
+split: N rows drawn by `random.Random(DEV_SEED = 0)`, the same for every training seed, so it is
+disjoint from every held-out set (those are other splits) and from the rows trained on.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from bidrop_ds.data.text import check_bad_rows
 from bidrop_ds.data.vader import DOMAINS, sentiment_splits
 
 SUBSET_SEED = 0  # the low-resource and imbalanced train subsets
+DEV_SEED = 0  # the dev rows carved off a train split (`dev_split`, finetune.py --dev_size)
 LOWRES_SIZES = (250, 500, 1000)
 IMBALANCE = 4  # negatives per positive in vader-movie-imbalanced
 
@@ -156,6 +161,25 @@ def stratified_subset(split: datasets.Dataset, size: int, seed: int) -> datasets
         rng.shuffle(indices)
         chosen += indices[: counts[label]]
     return split.select(sorted(chosen))
+
+
+def split_off(split: datasets.Dataset, size: int, seed: int,
+              what: str = "rows") -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the rest, `size` rows of `split` drawn by `random.Random(seed)`), disjoint, each in the
+    split's order: the same seed and split always give the same part. `what` names the part in the
+    error raised when it would leave the rest empty."""
+    if not 1 <= size < len(split):
+        raise ValueError(f"cannot split {size} {what} off {len(split)} train examples (at least one must stay "
+                         f"for training); use from 1 to {len(split) - 1}")
+    part = set(random.Random(seed).sample(range(len(split)), size))
+    return (split.select([i for i in range(len(split)) if i not in part]), split.select(sorted(part)))
+
+
+def dev_split(train: datasets.Dataset, size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the train rows left, `size` dev rows) of a task's train split, drawn with `DEV_SEED` (so every
+    training seed gets the same dev rows). Disjoint from every held-out set, since those are other
+    splits; finetune.py --dev_size takes its train subset (--train_size) from the rows left."""
+    return split_off(train, size, DEV_SEED, "dev rows (--dev_size)")
 
 
 def imbalanced_subset(split: datasets.Dataset, ratio: int, seed: int) -> datasets.Dataset:

@@ -31,29 +31,37 @@ class MalformedRows:
 
     "error": `flag` raises ValueError "FILE:LINE: problem" at the first one, so a corrupted file is
     never silently trained on. "skip": `flag` counts them; `finish` logs one warning (count, first
-    line and reason) so that skipping is never silent either.
+    line and reason) so that skipping is never silent either. With `unit="row"` (files read by a
+    parser that does not keep line numbers: csv with quoted newlines, json, parquet) the place is
+    written "FILE: row N" instead, N counting the data rows from 1 (a header is not a row).
     """
 
-    def __init__(self, path: str | os.PathLike[str], bad_rows: str = "error") -> None:
-        self.path, self.policy = path, check_bad_rows(bad_rows)
+    def __init__(self, path: str | os.PathLike[str], bad_rows: str = "error", unit: str = "line") -> None:
+        if unit not in ("line", "row"):
+            raise ValueError(f"unit={unit!r}: expected 'line' or 'row'")
+        self.path, self.policy, self.unit = path, check_bad_rows(bad_rows), unit
         self.count = 0
-        self.first: tuple[int, str] | None = None  # (line, problem) of the first malformed row
+        self.first: tuple[int, str] | None = None  # (line or row, problem) of the first malformed row
 
-    def flag(self, line: int, problem: str) -> None:
-        """Report a malformed row at 1-based `line`: raise ("error") or count it ("skip")."""
+    def where(self, number: int) -> str:
+        """The place of 1-based line or row `number`: "FILE:N" or "FILE: row N"."""
+        return f"{self.path}:{number}" if self.unit == "line" else f"{self.path}: row {number}"
+
+    def flag(self, number: int, problem: str) -> None:
+        """Report a malformed row at 1-based line (or row) `number`: raise ("error") or count it ("skip")."""
         if self.policy == "error":
-            raise ValueError(f"{self.path}:{line}: {problem}; fix or delete that line, or skip malformed rows "
-                             "with bad_rows='skip' (finetune.py: --bad_rows skip)")
+            raise ValueError(f"{self.where(number)}: {problem}; fix or delete that {self.unit}, or skip malformed "
+                             "rows with bad_rows='skip' (finetune.py: --bad_rows skip)")
         self.count += 1
         if self.first is None:
-            self.first = (line, problem)
+            self.first = (number, problem)
 
     def finish(self) -> int:
         """Log the warning for skipped rows (if any) and return how many were skipped."""
         if self.first is not None:
-            line, problem = self.first
-            logger.warning("skipped %d malformed row%s in %s (first at line %d: %s)",
-                           self.count, "" if self.count == 1 else "s", self.path, line, problem)
+            number, problem = self.first
+            logger.warning("skipped %d malformed row%s in %s (first at %s %d: %s)",
+                           self.count, "" if self.count == 1 else "s", self.path, self.unit, number, problem)
         return self.count
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bidrop_ds.data.glue import TASKS, compute_metrics, load_glue
+from bidrop_ds.data.glue import TASKS, compute_metrics, load_glue, macro_f1
 from bidrop_ds.data.text import collator, split_batch, tokenize
 
 # Official layouts, a few rows each (MRPC files start with a byte-order mark; CoLA has no header).
@@ -173,6 +173,14 @@ def test_mcc_by_hand() -> None:
     predictions = [1, 1, 1, 0, 0, 1, 0, 0]
     assert compute_metrics("cola", predictions, labels) == {"mcc": pytest.approx(4 / math.sqrt(240))}
     assert compute_metrics("cola", [1, 1, 1], [1, 0, 1])["mcc"] == 0.0  # no negative prediction
+
+
+def test_macro_f1_by_hand() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = np.array([0, 1, 1, 1, 2, 0])
+    # class 0: tp 1, fp 1, fn 1 -> 1/2; class 1: tp 2, fp 1, fn 0 -> 4/5; class 2: tp 1, fp 0, fn 1 -> 2/3
+    assert macro_f1(predictions, labels) == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert macro_f1(np.array([3, 3]), np.array([0, 0])) == 0.0  # a class only predicted counts (sklearn's rule)
 
 
 def test_accuracy_and_f1_by_hand() -> None:

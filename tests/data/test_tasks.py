@@ -12,7 +12,7 @@ import pytest
 
 from bidrop_ds.data import TASK_REGISTRY, Task, compute_metrics, ensure_vader_data, load_task
 from bidrop_ds.data.glue import TASKS
-from bidrop_ds.data.tasks import imbalanced_subset, stratified_subset
+from bidrop_ds.data.tasks import dev_split, imbalanced_subset, split_off, stratified_subset
 from tests.data.test_glue import EXPECTED, FILES, write_task
 from tests.data.test_vader import write_ground_truth
 
@@ -147,6 +147,18 @@ def test_stratified_subset_keeps_proportions_nests_and_reports_bad_sizes() -> No
     assert stratified_subset(split, 7, seed=1)["row"] != small["row"]
     with pytest.raises(ValueError, match="cannot take 31 train examples from a split of 30"):
         stratified_subset(split, 31, seed=0)
+
+
+def test_split_off_and_dev_split_are_seeded_disjoint_and_ordered() -> None:
+    split = labelled([0, 1] * 10)
+    rest, part = (list(half["row"]) for half in split_off(split, 5, seed=3))
+    assert (len(rest), len(part)) == (15, 5) and sorted(rest + part) == list(range(20))
+    assert part == sorted(part) and rest == sorted(rest)
+    assert list(split_off(split, 5, seed=3)[1]["row"]) == part != list(split_off(split, 5, seed=4)[1]["row"])
+    train, dev = (list(half["row"]) for half in dev_split(split, 4))
+    assert dev == list(dev_split(split, 4)[1]["row"]) and len(dev) == 4 and set(dev).isdisjoint(train)
+    with pytest.raises(ValueError, match=r"cannot split 20 dev rows \(--dev_size\) off 20 train examples"):
+        dev_split(split, 20)
 
 
 def test_imbalanced_subset_keeps_all_negatives_and_a_quarter_as_many_positives() -> None:

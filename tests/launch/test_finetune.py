@@ -55,17 +55,19 @@ def test_glue_pair_tasks_from_tsv(finetune: ModuleType, tiny_model: Path, tmp_pa
     assert metrics <= set(summary) and all(math.isfinite(summary[m]) for m in metrics)
 
 
-def test_bad_arguments_are_reported(finetune: ModuleType, tiny_model: Path, vader_cache: Path) -> None:
-    with pytest.raises(ValueError, match="unknown --task 'vader-imdb'"):
+def test_bad_arguments_are_reported(finetune: ModuleType, tiny_model: Path, vader_cache: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
         finetune.main(small_run(tiny_model, "--task", "vader-imdb"))
+    assert "finetune.py: error: unknown --task 'vader-imdb'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         finetune.main(small_run(tiny_model, "--chunks", "17"))
-    with pytest.raises(ValueError, match=r"BiDropConfig\.p = 1\.5"):
+    with pytest.raises(SystemExit, match=r"^finetune.py: error: BiDropConfig\.p = 1\.5"):
         finetune.main(small_run(tiny_model, "--p", "1.5"))
 
 
 RESUME_KEYS = ("eval_loss", "accuracy", "train_loss_last_epoch", "mean_kept_fraction", "skipped_steps",
-               "lr_scheduler_steps", "final_lr", "fisher_batches")
+               "lr_scheduler_steps", "final_lr", "fisher_batches", "epoch_history", "best_dev_epoch", "at_best_dev_epoch")
 
 
 def saved_model(folder: Path) -> dict[str, torch.Tensor]:
@@ -77,8 +79,10 @@ def test_resume_ends_bit_for_bit_where_the_whole_run_does(finetune: ModuleType, 
                                                           tmp_path: Path, strategy: str, k: str) -> None:
     """2 epochs of 4 steps, saved after steps 3, 6 and 8; the run is cut during its last save (the
     marker of step 8 is gone), so --resume goes on from step 6: mid-way through the second epoch, whose
-    order it must replay (the shuffle generator has moved on since the start)."""
-    args = small_run(tiny_model, "--strategy", strategy, "--k", k, "--seed", "3", "--epochs", "2", "--save_every", "3")
+    order it must replay (the shuffle generator has moved on since the start). The first epoch's dev
+    and held-out metrics (--dev_size) come back from the checkpoint."""
+    args = small_run(tiny_model, "--strategy", strategy, "--k", k, "--seed", "3", "--epochs", "2", "--save_every", "3",
+                     "--dev_size", "8")
     whole = finetune.main([*args, "--save_dir", str(tmp_path / "whole")])
     assert sorted(path.name for path in (tmp_path / "whole").iterdir()) == ["step3", "step6", "step8"]
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")

@@ -74,3 +74,38 @@ def test_tiny_suite_end_to_end_and_resume(suite: ModuleType, tiny_model: Path, v
     assert (out / "scores.png").stat().st_size > 0 and (out / "kept_by_layer.png").stat().st_size > 0
     assert suite.main(argv) == 0  # resumed: everything is finished, nothing runs again
     assert "4 already finished, 0 to go" in capsys.readouterr().out
+
+
+def test_own_data_goes_to_every_run_and_best_dev_scores_get_their_own_table(suite: ModuleType, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    train = tmp_path / "reviews.csv"
+    train.write_text("review,stars\nfine,good\nawful,bad\n", encoding="utf-8")
+    out = tmp_path / "suite"
+    argv = ["--out", str(out), "--train_file", str(train), "--text_column", "review", "--label_column", "stars",
+            "--seeds", "0", "1", "--", "--dev_size", "4"]
+    args, extra = suite.parse_args(argv)
+    runs = suite.plan(args.tasks, args.strategies, args.grid, args.seeds)
+    assert args.tasks == ["reviews"] and [run.run_id for run in runs][:2] == ["reviews/vanilla/seed0", "reviews/vanilla/seed1"]
+    command = suite.command(runs[0], args, extra, tmp_path / "run.json")
+    assert "--task" not in command and command[-2:] == ["--dev_size", "4"]
+    assert command[command.index("--train_file"):command.index("--train_file") + 6] == [
+        "--train_file", str(train), "--text_column", "review", "--label_column", "stars"]
+    scores = {"vanilla": [(0.50, 0.70), (0.60, 0.80)], "bidrop": [(0.40, 0.90), (0.30, 0.60)]}  # (last, best dev)
+    for run in runs:  # finished runs, as finetune.py --dev_size writes their summaries
+        last, best = scores[run.strategy][run.seed]
+        path = suite.result_path(out, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"headline_metric": "accuracy", "accuracy": last, "eval_sets": {"validation": 10},
+                                    "at_best_dev_epoch": {"accuracy": best}}), encoding="utf-8")
+    assert suite.main([*argv[:-3], "--report_only"]) == 0
+    with open(out / "results.csv", encoding="utf-8") as handle:
+        means = {(row["at"], row["strategy"]): float(row["mean"]) for row in csv.DictReader(handle)}
+    assert means == pytest.approx({("last", "vanilla"): 0.55, ("last", "bidrop"): 0.35,
+                                   ("best_dev", "vanilla"): 0.75, ("best_dev", "bidrop"): 0.75})
+    table = (out / "results.md").read_text()
+    assert table.index("Held-out at the last epoch") < table.index("| vanilla | 55.00") < table.index(
+        "Held-out at the best-dev epoch") < table.index("| vanilla | 75.00")
+    assert (out / "scores_best_dev.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--out", "x", "--tasks", "vader-movie", "--train_file", str(train)])
+    assert "give --tasks or your own data" in capsys.readouterr().err
