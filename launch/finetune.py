@@ -9,6 +9,21 @@ beside it), ~84% held-out accuracy. Trains on a fixed subset of the train split 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python launch/finetune.py
     python launch/finetune.py --task glue-rte --glue_dir glue_data --model bert-base-uncased --k 2 --p 0.3
 
+Your own data instead of --task (`bidrop_ds.data.custom`: formats, label kinds, metrics, splits):
+
+    python launch/finetune.py --train_file reviews.csv --text_column review --label_column stars \
+        [--validation_file dev.jsonl] [--test_file test.parquet]
+    HF_DATASETS_OFFLINE=1 python launch/finetune.py --dataset_name nyu-mll/glue --dataset_config mrpc \
+        --text_column sentence1 sentence2    # a hub data set, offline from the datasets cache
+
+`--dev_size N` carves N dev examples off the train split (seeded, the same for every --train_seed),
+evaluates dev and the held-out sets after every epoch and reports, besides the last epoch's
+held-out metrics, those of the epoch with the best dev score (`epoch_history`, `best_dev_epoch`,
+`at_best_dev_epoch` in --output_json). Default 0: no dev split, one evaluation at the end.
+
+A mistake in the arguments or the data stops the run with one line, `finetune.py: error: ...`
+(exit 2 for arguments, 1 for what loading finds), on every rank alike and without a traceback.
+
 With `--deepspeed FILE.json` it trains on DeepSpeed ranks (README, "Fine-tuning on DeepSpeed ranks"):
 
     deepspeed --num_gpus 2 launch/finetune.py --deepspeed ds_configs/zero2_bf16.json \
@@ -400,7 +415,7 @@ def rank_zero_first() -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as err:
-        failure = str(err)
+        failure = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
     if rank == 0:
         _raise_first_failure(failure)  # rank 0's turn (one process: this raises its failure)
     if world > 1:
@@ -725,7 +740,10 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         train_rows, dev_rows = dev_split(task.train, args.dev_size) if args.dev_size else (task.train, None)
         spec, train_split = task.spec, subset(train_rows, args.train_size)
         eval_splits = {name: subset(split, args.eval_size) for name, split in task.evals.items()}
-        tokenizer = load_tokenizer(model_path)
+        try:
+            tokenizer = load_tokenizer(model_path)
+        except OSError as err:  # not a model folder, or a hub id that is neither reachable nor cached
+            raise OSError(f"--model {model_path}: {err}") from None
         encoded = tokenize(datasets.DatasetDict(train=train_split, **({DEV: dev_rows} if args.dev_size else {}),
                                                 **eval_splits), tokenizer, spec.text_columns, args.max_length)
     torch.manual_seed(args.train_seed)  # before the model: seeds the new head's initialisation

@@ -48,7 +48,8 @@ from bidrop_ds.data.custom import DataSource, add_data_arguments  # noqa: E402
 
 FINETUNE = Path(__file__).resolve().parent / "finetune.py"
 MULTI_PASS = {"bidrop", *ABLATIONS}  # the strategies whose k may be swept
-SWEEPABLE = {"k", "p", "batch_size", "lr", "dps_window", "train_size", "chunks", "epochs"}
+SWEEPABLE = {"k", "p", "batch_size", "lr", "dps_window", "train_size", "chunks", "epochs", "rescale", "dev_size"}
+SWITCHES = {"rescale"}  # on/off settings: the variant value "on" gives --NAME, "off" --no-NAME
 DEFAULT_TASKS = ["vader-movie"]
 # the scores tabulated: at the last epoch (every run) and at the best-dev epoch (runs with --dev_size)
 SELECTIONS = {"last": "the last epoch", "best_dev": "the best-dev epoch (chosen on the dev split)"}
@@ -125,6 +126,8 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if name in dict(grid):
             raise ValueError(f"--sweep {name} given twice")
         grid.append((name, [v for v in values.split(",") if v]))
+        if name in SWITCHES and not set(grid[-1][1]) <= {"on", "off"}:
+            raise ValueError(f"--sweep {sweep!r}: {name} takes the values on and off")
     return grid
 
 
@@ -153,7 +156,10 @@ def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) 
     if args.deepspeed:
         cmd += ["--deepspeed", args.deepspeed]
     for name, value in run.variant:
-        cmd += [f"--{name}", value]
+        if name in SWITCHES:
+            cmd.append(f"--{name}" if value == "on" else f"--no-{name}")
+        else:
+            cmd += [f"--{name}", value]
     return cmd + extra
 
 

@@ -36,7 +36,7 @@ def test_plan_sweeps_k_only_for_bidrop_strategies(suite: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("sweeps,message", [(["q=1,2"], "NAME one of"), (["k="], "NAME one of"),
-                                            (["k=2", "k=4"], "given twice")])
+                                            (["k=2", "k=4"], "given twice"), (["rescale=yes"], "on and off")])
 def test_bad_sweeps_are_refused(suite: ModuleType, sweeps: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         suite.parse_sweeps(sweeps)
@@ -88,6 +88,8 @@ def test_own_data_goes_to_every_run_and_best_dev_scores_get_their_own_table(suit
     assert args.tasks == ["reviews"] and [run.run_id for run in runs][:2] == ["reviews/vanilla/seed0", "reviews/vanilla/seed1"]
     command = suite.command(runs[0], args, extra, tmp_path / "run.json")
     assert "--task" not in command and command[-2:] == ["--dev_size", "4"]
+    switched = suite.command(suite.Run("t", "bidrop", (("rescale", "on"), ("p", "0.5")), 0), args, [], tmp_path / "r")
+    assert switched[-3:] == ["--rescale", "--p", "0.5"]
     assert command[command.index("--train_file"):command.index("--train_file") + 6] == [
         "--train_file", str(train), "--text_column", "review", "--label_column", "stars"]
     scores = {"vanilla": [(0.50, 0.70), (0.60, 0.80)], "bidrop": [(0.40, 0.90), (0.30, 0.60)]}  # (last, best dev)

@@ -1,0 +1,259 @@
+"""Where Bi-Drop helps: training long enough for vanilla fine-tuning to overfit (issue 14).
+
+One command per table; every run is a launch/run_suite.py run (resumable: finished runs are kept
+in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every epoch:
+
+    python launch/regime_study.py --table strategies --out results/regime
+    python launch/regime_study.py --table sensitivity --out results/regime
+
+- `strategies`: each task of TASKS x vanilla, bidrop k=2, bidrop k=4, childtuning-d, dps at
+  --epochs E, plus vanilla at 2E and 4E epochs (equal compute: a Bi-Drop step costs k passes).
+- `sensitivity`: bidrop k=2 on SENSITIVITY_TASK, p in {0.1, 0.3, 0.5, 0.7} x rescale off/on.
+- Learning rate: every arm runs at each of --lrs (default 2e-5, 5e-5, 1e-4); the arm's rate is the
+  one with the highest mean over seeds of the dev score at each run's best-dev epoch. Nothing
+  held-out takes part in the choice.
+- Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`).
+- Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
+  passes --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
+  (the strategies table; OUT/<table>_paired.csv for each table) holds, per (task, strategy,
+  setting), n, the mean difference, its 95% t-interval and the number of seeds it wins, x 100.
+  Bi-Drop's k=K rows are paired with vanilla at E epochs and, as `equal compute`, with vanilla at
+  K x E epochs.
+- OUT/<table>.md: the command, per arm its chosen lr, held-out and dev scores and, as the
+  overfitting evidence, its last-epoch train loss and dev score (against the best-dev one), then
+  the paired rows; OUT/<table>_curves.png: mean dev curves of vanilla and Bi-Drop k=2.
+  Arguments after `--` go to every finetune.py run. The full strategies table is 4 tasks x 7 arms
+  x 3 learning rates x 5 seeds = 420 runs: hours of CPU (MiniLM, max length 64, batch 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run_suite  # noqa: E402  (launch/run_suite.py: runs, commands, resumable execution)
+
+LRS = ("2e-5", "5e-5", "1e-4")
+# task -> its finetune.py sizes: the train examples (0: the whole train split) and the dev rows carved off it
+TASKS: dict[str, dict[str, str]] = {
+    "vader-movie-lowres-250": {"train_size": "0", "dev_size": "50"},
+    "vader-movie-lowres-1000": {"train_size": "0", "dev_size": "100"},
+    "vader-transfer": {"train_size": "500", "dev_size": "100"},
+    "vader-movie-imbalanced": {"train_size": "1000", "dev_size": "100"},  # a low-resource subset, 1:4 kept
+}
+SENSITIVITY_TASK = "vader-movie-lowres-1000"
+BIDROP_KS = (2, 4)
+# the t quantile t_{0.975, df} for the 95% interval (df >= 31: the normal 1.96, at most 2% narrower)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared configuration of a task: a strategy, its settings (finetune.py flags) and a label."""
+
+    strategy: str
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.strategy, *(f"{key}={value}" for key, value in self.settings)])
+
+
+def arms(table: str, epochs: int) -> list[Arm]:
+    """The arms of a table; the first is the vanilla baseline at `epochs` epochs."""
+    if table == "sensitivity":
+        return [Arm("vanilla"), *(Arm("bidrop", (("k", "2"), ("p", p), ("rescale", rescale)))
+                                  for p in ("0.1", "0.3", "0.5", "0.7") for rescale in ("off", "on"))]
+    return [Arm("vanilla"), *(Arm("vanilla", (("epochs", str(k * epochs)),)) for k in BIDROP_KS),
+            *(Arm("bidrop", (("k", str(k)),)) for k in BIDROP_KS), Arm("childtuning-d"), Arm("dps")]
+
+
+def plan(tasks: Sequence[str], arm_list: Sequence[Arm], lrs: Sequence[str], seeds: Sequence[int],
+         epochs: int) -> dict[run_suite.Run, tuple[str, Arm, str]]:
+    """{run: (task, arm, lr)} for every task x arm x lr x seed; an arm's own epochs override `epochs`."""
+    runs = {}
+    for task in tasks:
+        for arm in arm_list:
+            settings = {"epochs": str(epochs), **TASKS[task], **dict(arm.settings)}
+            for lr in lrs:
+                variant = tuple(sorted({**settings, "lr": lr}.items()))
+                for seed in seeds:
+                    runs[run_suite.Run(task, arm.strategy, variant, seed)] = (task, arm, lr)
+    return runs
+
+
+def dev_score(summary: dict[str, Any]) -> float:
+    """The dev headline metric at the run's best-dev epoch."""
+    row = summary["epoch_history"][summary["best_dev_epoch"] - 1]
+    return row[f"dev_{summary['headline_metric']}"]
+
+
+def held_out_score(summary: dict[str, Any]) -> float:
+    """The headline held-out metric at the run's best-dev epoch."""
+    return summary["at_best_dev_epoch"][summary["headline_metric"]]
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean (NaN bounds for fewer than 2 values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    df = len(values) - 1
+    half = (T975[df - 1] if df <= len(T975) else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]]) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
+    """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over seeds (the
+    first of --lrs on a tie); arms with no finished run are absent."""
+    best: dict[tuple[str, Arm], tuple[float, str, dict[int, dict]]] = {}
+    for (task, arm, lr), by_seed in summaries.items():
+        score = statistics.fmean(dev_score(summary) for summary in by_seed.values())
+        if (task, arm) not in best or score > best[task, arm][0]:
+            best[task, arm] = (score, lr, by_seed)
+    return {key: (lr, by_seed) for key, (_, lr, by_seed) in best.items()}
+
+
+def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int) -> list[dict[str, Any]]:
+    """One row per (task, non-baseline arm [, equal compute]) against vanilla: the per-seed held-out
+    differences x 100 over the seeds both finished."""
+    rows = []
+    for (task, arm), (lr, by_seed) in picked.items():
+        if arm == Arm("vanilla"):
+            continue
+        baselines = [("", Arm("vanilla"))]
+        k = dict(arm.settings).get("k")
+        if arm.strategy == "bidrop" and k:  # vanilla given k x the epochs, if the table has it
+            baselines.append(("equal compute", Arm("vanilla", (("epochs", str(int(k) * epochs)),))))
+        for note, baseline in baselines:
+            if (task, baseline) not in picked:
+                continue
+            base = picked[task, baseline][1]
+            seeds = sorted(set(by_seed) & set(base))
+            if not seeds:
+                continue
+            diffs = [100 * (held_out_score(by_seed[s]) - held_out_score(base[s])) for s in seeds]
+            mean, low, high = t_interval(diffs)
+            setting = " ".join(f"{key}={value}" for key, value in arm.settings) or "-"
+            setting += f" ({note}: vs {baseline.label})" if note else ""
+            rows.append({"task": task, "strategy": arm.strategy, "setting": setting, "n": len(seeds),
+                         "mean_diff": round(mean, 3), "ci_low": round(low, 3), "ci_high": round(high, 3),
+                         "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def collect(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path) -> dict[tuple[str, Arm, str], dict[int, dict]]:
+    """{(task, arm, lr): {seed: summary}} of the finished runs."""
+    found: dict[tuple[str, Arm, str], dict[int, dict]] = {}
+    for run, key in runs.items():
+        path = run_suite.result_path(out, run)
+        if path.exists():
+            found.setdefault(key, {})[run.seed] = json.loads(path.read_text(encoding="utf-8"))
+    return found
+
+
+def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: str, epochs: int,
+           command_line: str) -> str:
+    """Write OUT/<table>_paired.csv (and OUT/paired.csv for the strategies table), OUT/<table>.md and
+    the dev curves; return the markdown."""
+    picked = chosen(collect(runs, out))
+    if not picked:
+        return "regime_study: no finished run to report\n"
+    paired = paired_rows(picked, epochs)
+    for name in ([f"{table}_paired.csv"] + (["paired.csv"] if table == "strategies" else [])):
+        with open(out / name, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["task", "strategy", "setting", "n", "mean_diff", "ci_low",
+                                                        "ci_high", "wins"])
+            writer.writeheader()
+            writer.writerows(paired)
+    lines = [f"# Regime study: {table}", "", f"Command: `{command_line}`", "",
+             "Held-out headline metric x 100 at each run's best-dev epoch (mean ± std over seeds), the learning "
+             "rate chosen on the dev split, and the paired difference to vanilla (95% t-interval, seeds won).", "",
+             "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev |",
+             "|---|---|---|---|---|---|"]
+    for (task, arm), (lr, by_seed) in picked.items():
+        held = [100 * held_out_score(s) for s in by_seed.values()]
+        dev = [100 * dev_score(s) for s in by_seed.values()]
+        last_dev = [100 * s["epoch_history"][-1][f"dev_{s['headline_metric']}"] for s in by_seed.values()]
+        loss = [s["epoch_history"][-1]["train_loss"] for s in by_seed.values()]
+        lines.append(f"| {task} | {arm.label} | {lr} | {_mean_std(held)} (n={len(held)}) | {_mean_std(dev)} | "
+                     f"{statistics.fmean(loss):.4f}, {statistics.fmean(last_dev):.2f} |")
+    lines += ["", "| task | strategy | setting | n | mean diff | 95% CI | wins |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['strategy']} | {r['setting']} | {r['n']} | {r['mean_diff']:.2f} | "
+              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['wins']}/{r['n']} |" for r in paired]
+    text = "\n".join(lines) + "\n"
+    (out / f"{table}.md").write_text(text, encoding="utf-8")
+    plot_dev_curves(picked, out / f"{table}_curves.png")
+    return text
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    return f"{statistics.fmean(values):.2f} ± {statistics.pstdev(values):.2f}"
+
+
+def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], path: Path) -> None:
+    """Per task, the mean dev curve over seeds of vanilla and Bi-Drop k=2, each at its chosen lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(task for task, _ in picked))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for arm in (Arm("vanilla"), Arm("bidrop", (("k", "2"),))):
+            if (task, arm) not in picked:
+                continue
+            lr, by_seed = picked[task, arm]
+            curves = [[row[f"dev_{s['headline_metric']}"] for row in s["epoch_history"]] for s in by_seed.values()]
+            mean = [statistics.fmean(values) for values in zip(*curves)]
+            ax.plot(range(1, len(mean) + 1), mean, marker="o", label=f"{arm.label} (lr {lr})")
+        ax.set_title(task)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("dev score (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", choices=("strategies", "sensitivity"), required=True)
+    parser.add_argument("--out", required=True, help="folder of runs/, logs/, the tables and plots")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS), metavar="TASK",
+                        help=f"default: all of {', '.join(TASKS)} (strategies), {SENSITIVITY_TASK} (sensitivity)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--lrs", nargs="+", default=list(LRS), help="the learning rates each arm is run at")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of every arm but vanilla's equal-compute ones")
+    parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
+    args = parser.parse_args(own)
+    tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
+    runs = plan(tasks, arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0"])
+    failed = [] if args.report_only else run_suite.execute(list(runs), suite_args, extra, out)
+    command_line = "python launch/regime_study.py " + " ".join(a for a in argv if a != "--report_only")
+    print(report(runs, out, args.table, args.epochs, command_line), flush=True)
+    if failed:
+        print(f"regime_study: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""launch/regime_study.py without training: the plan (arms, paired seeds, equal-compute epochs), the
+learning rate chosen on dev, and the paired t-intervals, on summaries written as finetune.py does."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.launch.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def study() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("regime_study", ROOT / "launch" / "regime_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["regime_study"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary(dev: list[float], held_out: float) -> dict:
+    """A finetune.py --dev_size summary whose best-dev epoch is the argmax of `dev`."""
+    best = dev.index(max(dev)) + 1
+    history = [{"epoch": e + 1, "train_loss": 0.5 / (e + 1), "dev_accuracy": d, "accuracy": 0.0} for e, d in enumerate(dev)]
+    return {"headline_metric": "accuracy", "epoch_history": history, "best_dev_epoch": best,
+            "at_best_dev_epoch": {"accuracy": held_out}}
+
+
+def test_plan_pairs_seeds_and_gives_vanilla_k_times_the_epochs(study: ModuleType) -> None:
+    arms = study.arms("strategies", 3)
+    assert [arm.label for arm in arms] == ["vanilla", "vanilla epochs=6", "vanilla epochs=12", "bidrop k=2",
+                                           "bidrop k=4", "childtuning-d", "dps"]
+    runs = study.plan(["vader-transfer"], arms, ["2e-5", "1e-4"], [0, 1], 3)
+    assert len(runs) == 7 * 2 * 2
+    epochs = {arm.label: {dict(run.variant)["epochs"] for run, (_, a, _) in runs.items() if a == arm} for arm in arms}
+    assert epochs["vanilla epochs=12"] == {"12"} and epochs["bidrop k=4"] == {"3"}
+    bidrop = next(run for run, (_, arm, lr) in runs.items() if arm.label == "bidrop k=2" and lr == "1e-4")
+    assert dict(bidrop.variant) == {"epochs": "3", "k": "2", "lr": "1e-4", "train_size": "500", "dev_size": "100"}
+    assert len(study.arms("sensitivity", 3)) == 1 + 4 * 2
+
+
+def test_lr_is_chosen_on_dev_and_paired_differences_get_t_intervals(study: ModuleType, tmp_path: Path) -> None:
+    arms = [study.Arm("vanilla"), study.Arm("vanilla", (("epochs", "4"),)), study.Arm("bidrop", (("k", "2"),))]
+    runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5", "1e-4"], [0, 1], 2)
+    results = {  # (arm, lr) -> per seed (dev curve, held-out at the best-dev epoch)
+        ("vanilla", "2e-5"): [([0.60, 0.65], 0.70), ([0.62, 0.61], 0.72)],
+        ("vanilla", "1e-4"): [([0.50, 0.55], 0.90), ([0.52, 0.51], 0.90)],  # better held out, worse dev: not chosen
+        ("vanilla epochs=4", "2e-5"): [([0.6, 0.7, 0.6, 0.5], 0.75), ([0.6, 0.6, 0.6, 0.6], 0.70)],
+        ("bidrop k=2", "2e-5"): [([0.40, 0.45], 0.50), ([0.40, 0.41], 0.50)],
+        ("bidrop k=2", "1e-4"): [([0.70, 0.72], 0.73), ([0.71, 0.70], 0.76)],
+    }
+    for run, (_, arm, lr) in runs.items():
+        if (arm.label, lr) in results:
+            path = study.run_suite.result_path(tmp_path, run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dev, held_out = results[arm.label, lr][run.seed]
+            path.write_text(json.dumps(summary(dev, held_out)), encoding="utf-8")
+    text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...")
+    assert "| vader-movie-lowres-250 | vanilla | 2e-5 | 71.00 ± 1.00 (n=2) |" in text
+    assert "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 74.50 ± 1.50 (n=2) |" in text
+    with open(tmp_path / "paired.csv", encoding="utf-8") as handle:
+        rows = {row["setting"]: row for row in csv.DictReader(handle)}
+    # bidrop - vanilla per seed: 3 and 4 points; mean 3.5, std 0.7071, half width 12.706 x 0.7071 / sqrt(2)
+    versus_vanilla = rows["k=2"]
+    assert (versus_vanilla["strategy"], versus_vanilla["n"], versus_vanilla["wins"]) == ("bidrop", "2", "2")
+    assert float(versus_vanilla["mean_diff"]) == pytest.approx(3.5)
+    assert float(versus_vanilla["ci_low"]) == pytest.approx(3.5 - 6.353, abs=1e-3)
+    assert float(versus_vanilla["ci_high"]) == pytest.approx(3.5 + 6.353, abs=1e-3)
+    equal = rows["k=2 (equal compute: vs vanilla epochs=4)"]  # vanilla at 2x the epochs: 75, 70
+    assert (float(equal["mean_diff"]), equal["wins"]) == (pytest.approx(2.0), "1")
+    assert (tmp_path / "paired.csv").read_text() == (tmp_path / "strategies_paired.csv").read_text()
+    assert (tmp_path / "strategies_curves.png").stat().st_size > 0
+
+
+def test_t_interval_by_hand(study: ModuleType) -> None:
+    mean, low, high = study.t_interval([1.0, 2.0, 3.0])  # std 1, t(0.975, 2) = 4.303
+    assert (mean, low, high) == (2.0, pytest.approx(2 - 4.303 / math.sqrt(3)), pytest.approx(2 + 4.303 / math.sqrt(3)))
+    assert math.isnan(study.t_interval([1.0])[1])
