@@ -130,12 +130,15 @@ class Zero12Partition:
         self.numel = sum(sizes)
         self.fragments, base = [], 0
         for i, size in enumerate(sizes):
+            # The partition's layout as DeepSpeed's gradient copies use it. Not `param._hp_mapping`:
+            # with round_robin_gradients DeepSpeed links it in the unreordered order (wrong or None).
             partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
             for param in opt.params_in_partition[i]:
-                address = param._hp_mapping.lp_fragment_address
-                dest = int(opt.grad_partition_insertion_offset[i][partition_id][opt.get_param_id(param)])
+                param_id = opt.get_param_id(param)
+                start = int(opt.grad_start_offset[i][partition_id][param_id])
+                dest = int(opt.grad_partition_insertion_offset[i][partition_id][param_id])
                 name = names[id(param)]
-                self.fragments.append(Fragment(name, int(address.start), base + dest, int(address.numel),
+                self.fragments.append(Fragment(name, start, base + dest, min(param.numel() - start, size - dest),
                                                config.is_eligible(name)))
             base += size
 
