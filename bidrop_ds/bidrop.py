@@ -19,17 +19,19 @@ import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
-from bidrop_ds.backends.fsdp2 import Fsdp2Backend, is_fsdp2_model
+from bidrop_ds.backends.deepspeed_zero import data_parallel_group, is_deepspeed_engine
+from bidrop_ds.backends.fsdp2 import Fsdp2Backend, is_fsdp2_model, shard_group
 from bidrop_ds.backends.torch_ddp import TorchBackend
+from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.config import BLOCK, BiDropConfig
-from bidrop_ds.core import LocalCommunicator, PassStatistics
+from bidrop_ds.core import Communicator, LocalCommunicator, PassStatistics
 from bidrop_ds.strategies import ChildTuningD, agree, make_rule
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,50 @@ def has_active_dropout(module: nn.Module) -> bool:
                for key in DROPOUT_CONFIG_KEYS)
 
 
+def _construction_comm(model: nn.Module) -> Communicator:
+    """The ranks that build a BiDrop on `model` together: DeepSpeed's data-parallel group, an FSDP2
+    model's shard group, else the default group (local when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return LocalCommunicator()
+    if is_deepspeed_engine(model):
+        return ProcessGroupCommunicator(data_parallel_group(model))
+    return ProcessGroupCommunicator(shard_group(model) if is_fsdp2_model(model) else None)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's collectives run (the engine's device; else its first parameter's)."""
+    if is_deepspeed_engine(model):
+        return torch.device(model.device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """An optimizer over other parameters (another model's, or the ones sharding replaced) would
+    make every step a silent no-op: refuse it, naming a trainable parameter it does not hold."""
+    held = {id(param) for group in getattr(optimizer, "param_groups", ()) for param in group["params"]}
+    trainable = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+    missing = [name for name, param in trainable if id(param) not in held]
+    if missing:
+        raise ValueError(f"BiDrop: the optimizer does not hold the model's trainable parameter {missing[0]!r} "
+                         f"({len(missing)} of {len(trainable)} trainable parameters are missing); build the "
+                         "optimizer over this model's parameters, after wrapping or sharding it, and set "
+                         "requires_grad=False on parameters you do not train")
+
+
+def _raise_shared_failure(comm: Communicator, failure: Exception | None) -> NoReturn:
+    """Some rank failed to build its part: gather which and why (a collective on this path only),
+    then raise the rank's own exception there and, on the others, one that names it."""
+    if not isinstance(comm, ProcessGroupCommunicator):
+        raise failure  # one process: the failure is this one
+    report = None if failure is None else (dist.get_rank(), f"{type(failure).__name__}: {failure}")
+    reports = comm.all_gather_object(report)
+    if failure is not None:
+        raise failure
+    rank, message = next(report for report in reports if report is not None)
+    raise RuntimeError(f"BiDrop: construction failed on rank {rank}: {message}")
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, step, pass, rank), stable across platforms and runs."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -89,24 +135,34 @@ class BiDrop:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  config: BiDropConfig | None = None) -> None:
         self.config = config if config is not None else BiDropConfig()
-        if not isinstance(self.config, BiDropConfig):
-            raise TypeError(f"BiDrop: config must be a BiDropConfig, got {type(self.config).__name__}")
         self.model = model
-        self.backend = self._make_backend(model, optimizer)
-        self._check_dropout(model)
-        self.stats = PassStatistics(self.backend.numel, device=self.backend.device)
+        comm, device = _construction_comm(model), _device_of(model)
+        failure = None
+        try:  # the local part: no collective, so that a failure here can be shared with the other ranks
+            if not isinstance(self.config, BiDropConfig):
+                raise TypeError(f"BiDrop: config must be a BiDropConfig, got {type(self.config).__name__}")
+            self.backend = self._make_backend(model, optimizer)
+            self._check_dropout(model)
+            self.stats = PassStatistics(self.backend.numel, device=self.backend.device)
+        except Exception as err:  # noqa: BLE001 - raised again on every rank by _agree_at_construction
+            failure = err
+        self._agree_at_construction(comm, device, failure)
         self.step_index = 0  # steps begun so far; seeds the passes of seeded runs
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._in_step = False
-        self._check_ranks_agree()
         self.rule = make_rule(self)
         self.backend.begin_step()
+
+    @property
+    def _passes_need_dropout(self) -> bool:
+        """Bi-Drop's k > 1 passes differ only by their dropout draws."""
+        return self.config.strategy == "bidrop" and self.config.k > 1
 
     def _check_dropout(self, model: nn.Module) -> None:
         """Bi-Drop's passes differ only by their dropout draws: without active dropout the k
         gradients are equal and every score's spread is 0. Refuse, or warn if the user opts in."""
-        if self.config.strategy != "bidrop" or self.config.k == 1:
+        if not self._passes_need_dropout:
             return
         module = getattr(model, "module", model)  # DeepSpeed engine, DDP
         if has_active_dropout(module):
@@ -118,22 +174,40 @@ class BiDrop:
             raise ValueError(message)
         logger.warning(message.split(". Enable")[0] + "; running anyway (allow_no_dropout=True)")
 
-    def _check_ranks_agree(self) -> None:
-        """All ranks must run the same settings on the same element count and dtypes: one all-reduce
-        of a fingerprint, so a mismatch fails at construction, not as a hang or a silent divergence."""
-        module = getattr(self.model, "module", self.model)
-        dtypes = sorted({str(param.dtype) for param in module.parameters() if param.requires_grad})
-        fingerprint = f"{self.config.to_json()}|{type(self.backend).__name__}|{self.backend.total_numel}|{dtypes}"
-        value = int.from_bytes(hashlib.blake2b(fingerprint.encode(), digest_size=4).digest(), "little") >> 1
-        probe = torch.tensor([value, 1], dtype=torch.int64, device=self.backend.device)
-        self.backend.agreement_comm.all_reduce_sum(probe)
-        ranks = int(probe[1])
-        if int(probe[0]) != value * ranks:
+    def _agree_at_construction(self, comm: Communicator, device: torch.device, failure: Exception | None) -> None:
+        """The one collective of construction (an all-reduce of 4 integers): whether every rank built
+        its part, a fingerprint of the config, backend, dtypes (and, where every rank holds every
+        element, the eligible count), and the eligible elements held. A failure on one rank raises on
+        every rank (with that rank's message), a mismatch fails, and no rank is left waiting."""
+        fingerprint, held = (self._fingerprint(), self.backend.held_numel) if failure is None else (0, 0)
+        probe = torch.tensor([failure is not None, fingerprint, 1, held], dtype=torch.int64, device=device)
+        comm.all_reduce_sum(probe)
+        failed, fingerprints, ranks, held_sum = probe.tolist()
+        if failed:
+            _raise_shared_failure(comm, failure)
+        if fingerprints != fingerprint * ranks:
             raise ValueError(f"BiDrop: the {ranks} ranks disagree on the Bi-Drop config, the backend, the "
                              f"eligible element count or the parameter dtypes (this rank: "
-                             f"{type(self.backend).__name__}, {self.backend.total_numel} eligible elements, "
-                             f"dtypes {dtypes}, config {self.config.to_dict()}); "
+                             f"{type(self.backend).__name__}, {self.backend.held_numel} eligible elements held, "
+                             f"dtypes {self._dtypes()}, config {self.config.to_dict()}); "
                              "launch every rank with the same settings and model")
+        sharded = self.backend.selection_comm is self.backend.agreement_comm
+        self.backend.total_numel = held_sum if sharded else held
+        if self.backend.total_numel == 0:
+            names = [name for name, _ in getattr(self.model, "module", self.model).named_parameters()][:3]
+            raise ValueError(f"BiDrop: include={list(self.config.include)} / exclude={list(self.config.exclude)} "
+                             f"select no trainable parameter (names look like {names}); adjust the patterns")
+
+    def _dtypes(self) -> list[str]:
+        module = getattr(self.model, "module", self.model)
+        return sorted({str(param.dtype) for param in module.parameters() if param.requires_grad})
+
+    def _fingerprint(self) -> int:
+        """A 31-bit hash of what all ranks must share (the eligible count only where every rank holds all)."""
+        sharded = self.backend.selection_comm is self.backend.agreement_comm
+        count = "sharded" if sharded else self.backend.held_numel
+        text = f"{self.config.to_json()}|{type(self.backend).__name__}|{count}|{self._dtypes()}"
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") >> 1
 
     def _make_backend(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if is_deepspeed_engine(model):
@@ -145,13 +219,19 @@ class BiDrop:
             return DeepSpeedBackend(model, self.config)
         if optimizer is None:
             raise ValueError("BiDrop(model, optimizer, config): a plain, DDP or FSDP2 model needs its optimizer")
+        _check_optimizer_holds(optimizer, getattr(model, "module", model))
         if is_fsdp2_model(model):
             return Fsdp2Backend(model, optimizer, self.config)
         return TorchBackend(model, optimizer, self.config)
 
     # ----- the hooks -------------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Start a step: zero the gradients and the statistics."""
+        """Start a step: zero the gradients and the statistics. A model in eval mode is refused."""
+        if self._passes_need_dropout and not getattr(self.model, "module", self.model).training:
+            raise RuntimeError(f"BiDrop: the model is in eval mode, so dropout is off and the k = {self.config.k} "
+                               "passes would be identical; call model.train() before training (from_pretrained "
+                               "returns a model in eval mode, and model.eval() for an evaluation needs a "
+                               "model.train() after it)")
         self.backend.begin_step()
         self.stats.reset()
         self._in_step = True
@@ -247,11 +327,26 @@ class BiDrop:
                 for chunk_index, chunk in enumerate(chunks):
                     last_in_pass = chunk_index == len(chunks) - 1
                     with self.micro_step(last_in_pass, last_in_pass and pass_index == self.config.k - 1):
-                        loss = loss_fn(self.model, chunk) if loss_fn is not None else self.model(**chunk).loss
+                        loss = self._loss(chunk, loss_fn)
                         self.backend.backward(loss, len(chunks))
                     losses.append(loss.detach())
             self.fold_pass()
         return losses
+
+    def _loss(self, chunk: Batch, loss_fn: LossFn | None) -> torch.Tensor:
+        """The chunk's loss: `loss_fn(model, chunk)`, or the `.loss` of the model's output."""
+        if loss_fn is not None:
+            loss = loss_fn(self.model, chunk)
+            if not isinstance(loss, torch.Tensor):
+                raise ValueError(f"BiDrop.step: loss_fn returned {type(loss).__name__}, not a loss tensor")
+            return loss
+        output = self.model(**chunk)
+        loss = getattr(output, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"BiDrop.step: the model returned no loss ({type(output).__name__} without one: a batch "
+                             f"without `labels`? it has {sorted(chunk)}); add the labels, or pass "
+                             "step(batch, loss_fn=lambda model, batch: ...) that returns the loss")
+        return loss
 
     def kept_by_layer(self) -> dict[str, float]:
         """Per layer (the block index in the parameter names, e.g. `layer.3`; else the name), the

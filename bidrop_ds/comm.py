@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -16,6 +18,12 @@ class ProcessGroupCommunicator:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in group rank order."""
+        out = [None] * dist.get_world_size(group=self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
 
 def default_communicator() -> ProcessGroupCommunicator | LocalCommunicator:

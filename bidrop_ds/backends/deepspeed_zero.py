@@ -33,6 +33,11 @@ def is_deepspeed_engine(obj: object) -> bool:
                for cls in type(obj).__mro__)
 
 
+def data_parallel_group(engine) -> dist.ProcessGroup | None:
+    """The group over which the engine's ZeRO optimizer partitions (ZeRO-0: the engine's data-parallel group)."""
+    return getattr(engine.optimizer, "dp_process_group", None) or engine.data_parallel_group
+
+
 def _check_version() -> None:
     import deepspeed
     from packaging.version import Version
@@ -209,8 +214,8 @@ class DeepSpeedBackend(ShardedBackend):
                                       f"(supported: {sorted(adapters)})")
         partition = adapters[self.stage](engine, names, config)
         self.rank = dist.get_rank()
-        group = getattr(engine.optimizer, "dp_process_group", None) or engine.data_parallel_group
-        super().__init__(partition, config, torch.device(engine.device), ProcessGroupCommunicator(group),
+        comm = ProcessGroupCommunicator(data_parallel_group(engine))
+        super().__init__(partition, config, torch.device(engine.device), comm,
                          module_parameters(engine.module), selects_locally=getattr(partition, "selects_locally", False))
 
     def check_chunks(self, chunks: int) -> None:

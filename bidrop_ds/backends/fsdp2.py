@@ -31,6 +31,13 @@ def is_fsdp2_model(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def shard_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The group of the 1-D mesh the model's parameters are sharded over (None, the default group,
+    for a model that Fsdp2Shards refuses)."""
+    mesh = next((param.device_mesh for param in model.parameters() if isinstance(param, DTensor)), None)
+    return mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
+
+
 class Fsdp2Shards:
     """This rank's shard of every trainable parameter, in `named_parameters()` order."""
 

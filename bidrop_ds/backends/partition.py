@@ -70,14 +70,9 @@ class ShardedBackend:
         self.agreement_comm = agreement_comm
         # A replica (every rank holds every element) selects locally; a shard selects over the group.
         self.selection_comm = LocalCommunicator() if selects_locally else agreement_comm
-        eligible = torch.tensor([sum(f.numel for f in partition.fragments if f.eligible)], dtype=torch.int64,
-                                device=device)
-        self.selection_comm.all_reduce_sum(eligible)
-        self.total_numel = int(eligible.item())
-        if self.total_numel == 0:
-            names = [f.name for f in partition.fragments][:3]
-            raise ValueError(f"BiDrop: include={list(config.include)} / exclude={list(config.exclude)} select "
-                             f"no trainable parameter (names look like {names}); adjust the patterns")
+        # Eligible elements held here; no collective in construction: BiDrop's one all-reduce, after
+        # every rank built its part, sets `total_numel` (over the ranks, or held_numel on a replica).
+        self.held_numel = sum(f.numel for f in partition.fragments if f.eligible)
         # elements of ineligible parameters and padding: not scored, never candidates, always kept
         self.ineligible_ranges = complement(self.numel, [(f.offset, f.offset + f.numel)
                                                         for f in partition.fragments if f.eligible])

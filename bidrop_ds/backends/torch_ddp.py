@@ -46,7 +46,7 @@ class TorchBackend:
                              "the torch backend needs one dtype and one device")
         (dtype, self.device), = kinds
         self.numel = sum(param.numel() for param in self.eligible)
-        self.total_numel = self.numel  # every rank owns (and selects over) all eligible elements
+        self.held_numel = self.total_numel = self.numel  # every rank owns (and selects over) all eligible elements
         self.flat_grad = torch.zeros(self.numel, dtype=dtype, device=self.device)
         self.grad_views = []
         offset = 0

@@ -70,6 +70,11 @@ class PassStatistics:
         torch._foreach_add_(means, delta, alpha=alpha)
         torch._foreach_addcmul_(m2s, delta, delta, value=weight)
 
+    def spread_is_zero(self) -> bool:
+        """True if at least two passes are folded in and all were equal on every element (M2 all 0):
+        no dropout acted. One max over M2; valid until the scores overwrite it."""
+        return self.count > 1 and self.m2.numel() > 0 and float(self.m2.max()) == 0.0
+
     def is_finite(self) -> bool:
         """False if any mean or M2 element is inf or NaN (a non-finite pass poisons both).
 

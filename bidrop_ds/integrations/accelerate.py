@@ -174,16 +174,14 @@ def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """accelerate's own advice for an optimizer that holds none of the model's trainable parameters
+    (BiDrop itself refuses one that misses any, naming it)."""
     held = {id(param) for group in optimizer.param_groups for param in group["params"]}
-    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    missing = [name for name, param in trainable if id(param) not in held]
-    if trainable and len(missing) == len(trainable):
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if trainable and not any(id(param) in held for param in trainable):
         raise ValueError("bidrop_for: the optimizer holds none of the model's trainable parameters; prepare the "
                          "model and its optimizer in the same accelerator.prepare call (under FSDP2 accelerate "
                          "swaps the sharded parameters into the optimizer there)")
-    if missing:
-        logger.warning("bidrop_for: %d trainable parameter(s) are not in the optimizer and will not be "
-                       "updated (first: %s)", len(missing), missing[0])
 
 
 def _warn_fsdp2_reduce_dtype(accelerator) -> None:

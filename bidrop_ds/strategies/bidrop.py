@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -13,6 +14,8 @@ from bidrop_ds.strategies.base import Outcome, agree
 if TYPE_CHECKING:
     from bidrop_ds.bidrop import BiDrop
 
+logger = logging.getLogger(__name__)
+
 
 class BiDropRule:
     """Scores in place of M2, one exact global threshold, the mean masked (and optionally / p)."""
@@ -20,9 +23,17 @@ class BiDropRule:
     def __init__(self, bidrop: "BiDrop") -> None:
         self.bidrop = bidrop
         self.n = kept_count(bidrop.config.p, bidrop.backend.total_numel)
+        self.warned_identical = False
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
         bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
+        if not self.warned_identical and bidrop.stats.spread_is_zero():  # before the scores replace M2
+            self.warned_identical = True
+            logger.warning("Bi-Drop step %d: the k = %d passes gave identical gradients on every element this "
+                           "rank holds, so dropout did not act and the mask ranks by gradient magnitude alone. "
+                           "Check that the model's dropout is really on (a model may disable it internally "
+                           "whatever its config says) and that no module is in eval mode (warned once)",
+                           step, config.k)
         generator = bidrop.mask_generator(step) if config.score == "random" else None
         scores = scores_into_m2(bidrop.stats, backend.abs_params(), config.score, config.eps, generator, grad_scale,
                                 ineligible=backend.ineligible_ranges)  # -1 there: not a candidate, not scored
