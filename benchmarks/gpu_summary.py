@@ -35,7 +35,7 @@ def step_lines(step: dict) -> list[str]:
         f"ZeRO-{step['stage']} {step['ranks']} {step['device']} rank(s): {step['step_time_ratio']:.3f} "
         f"(goal {step['step_time_goal']}: {step['goal_met']}); vanilla {step['vanilla_step_s'] * 1e3:.1f} ms, "
         f"Bi-Drop {step['bidrop_step_s'] * 1e3:.1f} ms, naive / (k x vanilla) {ratio_naive:.3f}",
-        f"plugin buffers {step['plugin_bytes_per_rank'] / 2**20:.1f} MiB (bound 8 x owned = "
+        f"plugin buffers {step['plugin_bytes_per_rank'] / 2**20:.1f} MiB (bound 4 or 8 x eligible owned = "
         f"{step['bound_bytes_per_rank'] / 2**20:.1f} MiB + 1 MiB); extra comm per step: "
         f"{step.get('extra_comm_calls_per_step')} all-reduces, largest {step.get('extra_comm_max_call_bytes')} B "
         f"(goal <= 4 of <= 8 KiB); {peak}",

@@ -20,6 +20,7 @@ step() { echo "+ $*" >> "$LOG"; $RUN benchmarks/step_time.py "$@" >> "$LOG" 2>&1
 echo "step time + communication (ZeRO-2, ZeRO-3, with the naive port)..."
 step --stage 2 --naive --warmup "$WARMUP" --repeats "$REPEATS" --output_json $OUT/step_zero2.json
 step --stage 3 --naive --warmup "$WARMUP" --repeats "$REPEATS" --output_json $OUT/step_zero3.json
+step --stage 2 --k 4 --warmup "$WARMUP" --repeats "$REPEATS" --no_comm --output_json $OUT/step_zero2_k4.json
 echo "memory (one launch per mode, ZeRO-2)..."
 for mode in vanilla bidrop naive; do
   step --stage 2 --only $mode --warmup 1 --repeats 3 --no_comm --output_json $OUT/memory_$mode.json

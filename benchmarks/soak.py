@@ -136,14 +136,14 @@ def soak(args: argparse.Namespace, checkpoint_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     for step in range(args.steps):
         fault = fault_at(step, args, world)
-        before = bidrop.backend.partition.master() if fault is not None else None
+        before = bidrop.backend.master_snapshot() if fault is not None else None
         tick = time.perf_counter()
         result = bidrop.step([batch_for(step, rank, world, args)],
                              loss_fn=poisoned(fault[1]) if fault is not None and fault[0] == rank else None)
         step_seconds.append(time.perf_counter() - tick)
         if fault is not None:
             expected.append(step)
-            if not torch.equal(before, bidrop.backend.partition.master()):
+            if not torch.equal(before, bidrop.backend.master_snapshot()):
                 moved_on_skip.append(step)
         if result.skipped:
             seen.append(step)

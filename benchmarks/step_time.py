@@ -187,9 +187,9 @@ def main() -> None:
             row["step_time_goal"] = f"<= {GOALS[device]}"
             row["goal_met"] = "met" if row["step_time_ratio"] <= GOALS[device] else "missed"
     if bidrop is not None:
-        row["owned_elements"] = bidrop.backend.numel
-        row["plugin_bytes_per_rank"] = bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes
-        row["bound_bytes_per_rank"] = 8 * bidrop.backend.numel
+        row["eligible_owned_elements"] = bidrop.backend.numel
+        row["plugin_bytes_per_rank"] = bidrop.memory_bytes()
+        row["bound_bytes_per_rank"] = (4 if args.k == 2 else 8) * bidrop.backend.numel
     if naive is not None:
         row["naive_copies_bytes_per_rank"] = naive.copies_bytes
     row["peak_rss_mib"] = rank_max(peak_kib / 1024)  # max over ranks

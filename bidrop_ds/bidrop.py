@@ -32,6 +32,7 @@ from bidrop_ds.backends.torch_ddp import TorchBackend
 from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.config import BLOCK, BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator, PassStatistics
+from bidrop_ds.core.ranges import layout_slices
 from bidrop_ds.strategies import ChildTuningD, agree, make_rule
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ class BiDrop:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._in_step = False
+        self.count_layers = False  # count each layer's kept elements at apply_mask (kept_by_layer)
+        self._layer_counts: tuple[list[str], torch.Tensor] | None = None
         self.rule = make_rule(self)
         self.backend.begin_step()
 
@@ -237,13 +240,17 @@ class BiDrop:
         self._in_step = True
 
     def fold_pass(self) -> None:
-        """After a pass's backward(s): fold its reduced gradient into the statistics, reset it."""
+        """After a pass's backward(s): fold its reduced gradient into the statistics and reset it;
+        the step's last pass is left where it lives, for the final sweep in `apply_mask`."""
         if not self._in_step:
             raise RuntimeError("BiDrop.fold_pass() called outside a step; call begin_step() first")
         if self.stats.count >= self.config.k:
             raise RuntimeError(f"BiDrop.fold_pass(): already {self.stats.count} passes, config.k = {self.config.k}")
-        self.stats.update(self.backend.pass_gradient())
-        self.backend.end_pass()
+        if self.stats.count == self.config.k - 1:
+            self.stats.hold_last(self.backend.pass_gradient())
+        else:
+            self.stats.update(self.backend.pass_gradient())
+            self.backend.end_pass()
 
     def apply_mask(self, grad_scale: float | None = None) -> StepResult:
         """After the k passes: decide the mask and write the final gradient (before optimizer.step()).
@@ -263,12 +270,17 @@ class BiDrop:
         self.step_index += 1
         if grad_scale is None:
             grad_scale = self.backend.grad_scale()
+        in_place = self.rule.prepare(step, grad_scale)
         finite = self.stats.is_finite() and self.backend.others_finite()
         outcome = self.rule.decide(step, finite, grad_scale)
         if outcome is None:
+            self._layer_counts = None
             return self._skip(step)
         self.consecutive_skips = 0
-        self.backend.write_gradients(self.stats.mean, self.config.k)
+        if not in_place:
+            self.backend.write_update(self.stats.mean)
+        self.backend.finish_others(self.config.k)
+        self._layer_counts = self._count_layers() if self.count_layers else None
         return StepResult(kept_fraction=outcome.kept / self.backend.total_numel, skipped=False,
                           threshold=outcome.threshold, step=step)
 
@@ -286,6 +298,7 @@ class BiDrop:
         for index, batch in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
             chunks = self._chunks(batch)
             self._run_passes(chunks, loss_fn, seed_step=-1 - index)
+            self.stats.fold_last()
             finite, _ = agree(self, self.stats.is_finite())
             if finite:
                 self.rule.accumulate(self.stats.mean, self.backend.grad_scale())
@@ -350,22 +363,39 @@ class BiDrop:
 
     def kept_by_layer(self) -> dict[str, float]:
         """Per layer (the block index in the parameter names, e.g. `layer.3`; else the name), the
-        fraction of eligible elements the last step updated, over all ranks. Valid between
-        `apply_mask` and the next step; an element with an exactly zero gradient counts as masked.
-        One small all-reduce; meant for logging every few steps."""
+        fraction of eligible elements the last step updated, over all ranks. Needs
+        `count_layers = True` before that step (the counts are taken from the written gradient);
+        an element with an exactly zero gradient counts as masked. One small all-reduce; meant for
+        logging every few steps."""
+        if self._layer_counts is None:
+            raise RuntimeError("BiDrop.kept_by_layer(): set bidrop.count_layers = True before the step "
+                               "(the counts are taken when the update is written)")
+        names, counts = self._layer_counts
+        kept = counts[0::2].clone()
+        self.backend.selection_comm.all_reduce_sum(kept)
+        return {name: int(k) / int(n) for name, k, n in zip(names, kept.tolist(), counts[1::2].tolist())}
+
+    def _count_layers(self) -> tuple[list[str], torch.Tensor]:
+        """(layer names, this rank's [kept, total] per layer) from the eligible gradient just written."""
         slices = self.backend.parameter_slices()
         layers = [layer_of(piece.name) for piece in slices]
         names = sorted(set(layers), key=_natural_key)
-        update = self.stats.mean
+        written = self.backend.pass_gradient()
+        pieces = [written] if isinstance(written, torch.Tensor) else written
         counts = torch.zeros(2 * len(names), dtype=torch.int64, device=self.backend.device)
         for layer, piece in zip(layers, slices):
             row = names.index(layer)
             for start, end in piece.ranges:
-                counts[2 * row] += torch.count_nonzero(update[start:end])
+                for view in layout_slices(pieces, start, end):
+                    counts[2 * row] += torch.count_nonzero(view)
             counts[2 * row + 1] += piece.numel
-        kept = counts[0::2].clone()
-        self.backend.selection_comm.all_reduce_sum(kept)
-        return {name: int(k) / int(n) for name, k, n in zip(names, kept.tolist(), counts[1::2].tolist())}
+        return names, counts
+
+    def memory_bytes(self) -> int:
+        """Bytes of the buffers the plugin allocated on this rank: the statistics (4 per eligible
+        element held for k = 2 with fp32 gradients, else 8) and, where the gradient partition does
+        not sum the passes itself (ZeRO-1), an fp32 sum of the ineligible elements."""
+        return self.stats.nbytes + self.backend.own_bytes
 
     # ----- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

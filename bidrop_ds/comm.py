@@ -11,13 +11,23 @@ from bidrop_ds.core.select import LocalCommunicator
 
 
 class ProcessGroupCommunicator:
-    """All-reduces over a torch.distributed process group (None = the default group)."""
+    """All-reduces over a torch.distributed process group (None = the default group).
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    `device`: where the group's backend reduces (e.g. the GPU for NCCL). A tensor held elsewhere
+    (statistics in host memory under ZeRO-Offload) is reduced through a copy there: the core only
+    reduces small histograms and flags (at most 8 KiB)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
         self.group = group
+        self.device = device
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        if self.device is None or tensor.device == self.device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            return
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.group)
+        tensor.copy_(moved)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, in group rank order."""

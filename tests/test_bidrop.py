@@ -262,6 +262,10 @@ def test_too_many_skips_in_a_row_stop_the_run():
 def test_kept_by_layer_counts_the_last_update():
     model = tiny_bert()
     bidrop = BiDrop(model, torch.optim.SGD(model.parameters(), lr=0.1), BiDropConfig(k=2, p=0.3, seed=1))
+    bidrop.step(random_batch(1))
+    with pytest.raises(RuntimeError, match="count_layers = True"):
+        bidrop.kept_by_layer()
+    bidrop.count_layers = True
     result = bidrop.step(random_batch(0))
     layers = bidrop.kept_by_layer()
     assert list(layers) == ["layer.0", "layer.1"]

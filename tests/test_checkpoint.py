@@ -194,7 +194,7 @@ def _deepspeed_resume(rank: int, world_size: int, directory: str, stages: list[i
         save_checkpoint(engine, bidrop, where, "s2", client_state={"batches_seen": 2})
         deepspeed_latest = (where / "latest").read_text()  # DeepSpeed's pointer, written after the marker
         train(bidrop, range(2, 4))
-        straight = (bidrop.backend.partition.master(), _optimizer_state(engine),
+        straight = (bidrop.backend.master_snapshot(), _optimizer_state(engine),
                     engine.lr_scheduler.get_last_lr(), bidrop.step_index)
         engine.destroy()
 
@@ -205,7 +205,7 @@ def _deepspeed_resume(rank: int, world_size: int, directory: str, stages: list[i
         assert_same_optimizer_state(_optimizer_state(engine), straight[1])  # fails the run with this rank's traceback
         row = {"stage": stage, "deepspeed_latest": deepspeed_latest, "client": client, "loaded_step": loaded_step,
                "step_index": bidrop.step_index, "straight_step_index": straight[3],
-               "master_equal": bool(torch.equal(bidrop.backend.partition.master(), straight[0])),
+               "master_equal": bool(torch.equal(bidrop.backend.master_snapshot(), straight[0])),
                "lr_equal": engine.lr_scheduler.get_last_lr() == straight[2]}
 
         # a tag whose marker is missing: refused on every rank (none enters DeepSpeed's load), skipped by lookup

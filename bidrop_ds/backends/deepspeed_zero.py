@@ -58,11 +58,18 @@ def _check_features(engine) -> None:
         refusals.append("ZeRO++ quantised gradients (zero_quantized_gradients)")
     if getattr(zero, "zero_hpz_partition_size", 1) > 1:
         refusals.append("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)")
-    if engine.zero_offload_optimizer() is not None and getattr(engine.zero_offload_optimizer(), "device", "none") != "none":
-        refusals.append("optimizer offload (offload_optimizer)")
-    if engine.zero_offload_param() is not None and getattr(engine.zero_offload_param(), "device", "none") != "none":
-        refusals.append("parameter offload (offload_param)")
     stage, optimizer = engine.zero_optimization_stage(), type(engine.optimizer).__name__
+    offloads = {"offload_optimizer": engine.zero_offload_optimizer(), "offload_param": engine.zero_offload_param()}
+    for key, offload in offloads.items():
+        device = str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")))
+        if device == "nvme":
+            refusals.append(f"NVMe offload ({key}.device = nvme): it needs DeepSpeed's async I/O op (libaio), "
+                            "which bidrop-ds has not verified; use \"device\": \"cpu\"")
+        if device == "cpu" and key == "offload_optimizer" and stage == 1:
+            refusals.append("optimizer offload on ZeRO stage 1 (not verified); use stage 2, which offloads the same "
+                            "optimizer state and partitions the gradients too")
+        if device == "cpu" and float(getattr(offload, "ratio", 1.0)) < 1.0:
+            refusals.append(f"partial optimizer offload ({key}.ratio < 1)")
     if stage == 0 and engine.fp16_enabled():
         refusals.append("ZeRO stage 0 with fp16 (DeepSpeed's FP16_Optimizer); use ZeRO stage 1, 2 or 3 for fp16")
     if stage == 0 and engine.bfloat16_enabled() and optimizer != "FP16_UnfusedOptimizer":
@@ -81,122 +88,180 @@ def _check_features(engine) -> None:
 class Zero3Partition:
     """ZeRO-3: each backward reduce-scatters into one flat buffer of this rank's grad partitions
     (`grad_partitions_flat_buffer`, in the order of `fp16_groups`); fp32 masters sit in
-    `fp32_partitioned_groups_flat[group]` at `grad_position[param_id]`. The buffer accumulates, so it
-    is zeroed after each pass is read; the boundary is only the step's final backward."""
+    `fp32_partitioned_groups_flat[group]` at `grad_position[param_id]`. The buffer accumulates, so
+    a pass's eligible elements are zeroed after they are read; the boundary is only the step's
+    final backward."""
 
     boundary_every_pass = False
+    accumulates = True
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         opt = engine.optimizer
-        self.optimizer = opt
+        self.engine, self.optimizer = engine, opt
         self.grad: torch.Tensor = opt.grad_partitions_flat_buffer
-        self.numel = self.grad.numel()
         by_id = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
         rank = dist.get_rank(group=opt.dp_process_group)
-        self.fragments, self._masters = [], []
+        # With offload_optimizer the buffer is in host memory, and the step's final backward (the
+        # boundary) copies it into the host fp32 gradient `fp32_partitioned_groups_flat[g].grad`
+        # that the optimizer reads, recording each parameter's norm for clipping on the way.
+        self.offload = bool(opt.offload_optimizer)
+        self.fragments, self._views, self._masters, self._offloaded, self._param_ids = [], [], [], [], []
         for param in (param for group in opt.fp16_groups for param in group):
             offset = (by_id[param.ds_id].data_ptr() - self.grad.data_ptr()) // self.grad.element_size()
             partition = param.partition_numel()
             owned = max(0, min(partition, param.ds_numel - rank * partition))
             name = names[id(param)]
             self.fragments.append(Fragment(name, rank * partition, offset, owned, config.is_eligible(name)))
+            self._views.append(self.grad.narrow(0, offset, owned))
             group_idx, dest, _ = opt.grad_position[opt.get_param_id(param)]
-            self._masters.append((offset, opt.fp32_partitioned_groups_flat[group_idx].detach().narrow(0, dest, owned)))
+            master = opt.fp32_partitioned_groups_flat[group_idx]
+            self._masters.append(master.detach().narrow(0, dest, owned))
+            if self.offload:
+                self._offloaded.append(master.grad.narrow(0, dest, owned))
+                self._param_ids.append(opt.get_param_id(param))
 
     def begin_step(self) -> None:
         self.grad.zero_()
 
-    def segments(self) -> list[torch.Tensor]:
-        return [self.grad]
+    def views(self) -> list[torch.Tensor]:
+        if self.offload and self.engine.is_gradient_accumulation_boundary():
+            return self._offloaded
+        return self._views
 
-    def master(self) -> torch.Tensor:
-        """The fp32 master weights aligned with the gradient partition (a copy; padding reads 0)."""
-        out = torch.zeros(self.numel, dtype=torch.float32, device=self.grad.device)
-        for offset, master in self._masters:
-            out[offset:offset + master.numel()] = master
-        return out
+    def master_views(self) -> list[torch.Tensor]:
+        return self._masters
+
+    def written(self) -> None:
+        """Offload: the clipping norms DeepSpeed recorded at the boundary become those of the
+        gradient written (the masked mean), not of the last pass."""
+        if self.offload:
+            _record_norms(self.optimizer, self._param_ids, self._offloaded)
 
 
 class Zero12Partition:
-    """ZeRO-1/2 (DeepSpeedZeroOptimizer): the end of every pass is made an accumulation boundary, so
-    DeepSpeed reduces that pass into this rank's partition and lists it, as views, in
-    `averaged_gradients[group]` (laid out like the flat fp32 master partition
-    `single_partition_of_fp32_groups[group]`, `partition_size[group]` elements, padding included).
-    With 16-bit params and fp32 accumulation that list is one compact fp32 buffer (`flat_partition`)
-    that accumulates; otherwise each boundary lists fresh tensors. Either way the pass is read there,
-    zeroed after reading, and the final pass's views receive the masked mean for `engine.step()`."""
-
-    boundary_every_pass = True
+    """ZeRO-1/2 (DeepSpeedZeroOptimizer), laid out like the flat fp32 master partition
+    `single_partition_of_fp32_groups[group]` (`partition_size[group]` elements, padding included).
+    Where each pass's reduced gradient lives:
+    - 16-bit params with fp32 accumulation: one compact fp32 buffer per group (`flat_partition`,
+      listed in `averaged_gradients[group]`) that every reduction adds to;
+    - otherwise ZeRO-2 reduces at every backward into per-parameter accumulators
+      (`all_grad_tensors[group]`, full-shape, this rank's fragment valid), which DeepSpeed lists as
+      views in `averaged_gradients[group]` at the boundary; so ZeRO-2 needs a boundary only at the
+      step's final backward, and the accumulators sum the ineligible elements through the passes;
+    - ZeRO-1 reduces only at a boundary, so every pass ends in one, and each boundary lists fresh
+      tensors (they do not accumulate, unless compact).
+    The final pass's views receive the masked mean for `engine.step()`."""
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         opt = engine.optimizer
-        self.optimizer = opt
-        sizes = [int(size) for size in opt.partition_size]
-        self.numel = sum(sizes)
-        self.fragments, base = [], 0
-        for i, size in enumerate(sizes):
+        self.engine, self.optimizer = engine, opt
+        self.boundary_every_pass = engine.zero_optimization_stage() == 1
+        groups = range(len(opt.partition_size))
+        self.accumulates = not self.boundary_every_pass or all(opt._use_compact_grad_partition_buffer(i)
+                                                               for i in groups)
+        self.offload = bool(opt.cpu_offload)
+        self.fragments, self._places, self._masters, self._offloaded, base = [], [], [], [], 0
+        for i in groups:
+            size = int(opt.partition_size[i])
+            master = opt.single_partition_of_fp32_groups[i].detach()
+            offloaded = opt.single_partition_of_fp32_groups[i].grad if self.offload else None
             # The partition's layout as DeepSpeed's gradient copies use it. Not `param._hp_mapping`:
             # with round_robin_gradients DeepSpeed links it in the unreordered order (wrong or None).
             partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
-            for param in opt.params_in_partition[i]:
+            for index, param in enumerate(opt.params_in_partition[i]):
                 param_id = opt.get_param_id(param)
                 start = int(opt.grad_start_offset[i][partition_id][param_id])
                 dest = int(opt.grad_partition_insertion_offset[i][partition_id][param_id])
+                numel = max(0, min(param.numel() - start, size - dest))
                 name = names[id(param)]
-                self.fragments.append(Fragment(name, start, base + dest, min(param.numel() - start, size - dest),
-                                               config.is_eligible(name)))
+                self.fragments.append(Fragment(name, start, base + dest, numel, config.is_eligible(name)))
+                self._places.append((i, index, start, dest, numel, param_id))
+                self._masters.append(master.narrow(0, dest, numel))
+                if self.offload:
+                    self._offloaded.append(offloaded.narrow(0, dest, numel))
             base += size
 
     def begin_step(self) -> None:
-        """Nothing: each pass's boundary lists the pass's own reduced gradient."""
+        """Nothing: each step's first reduction starts DeepSpeed's accumulators afresh."""
 
-    def segments(self) -> list[torch.Tensor]:
-        out = []
-        for group in sorted(self.optimizer.averaged_gradients):
-            listed = self.optimizer.averaged_gradients[group]
+    def views(self) -> list[torch.Tensor]:
+        opt, out, listed_by_group = self.optimizer, [], {}
+        if self.offload and self.engine.is_gradient_accumulation_boundary():
+            return self._offloaded  # the boundary copied the gradient into the host fp32 partition
+        for group, index, start, dest, numel, param_id in self._places:
+            listed = opt.averaged_gradients.get(group)
             flat = getattr(listed, "flat_partition", None)
-            out += [flat] if flat is not None else list(listed)
+            accumulated = opt.all_grad_tensors.get(group)
+            if flat is not None:
+                out.append(flat.narrow(0, dest, numel))
+            elif self.offload:  # ZeRO-2 offload between boundaries: DeepSpeed's host accumulator
+                out.append(opt.accumulated_grads_in_cpu[param_id].view(-1).narrow(0, start, numel))
+            elif accumulated is not None:  # ZeRO-2 between boundaries
+                out.append(accumulated[index].view(-1).narrow(0, start, numel))
+            else:  # at a boundary: one entry per parameter, in order, with marked padding between
+                if group not in listed_by_group:
+                    listed_by_group[group] = [t for t in listed if not getattr(t, "_zero_padding", False)]
+                out.append(listed_by_group[group][index].view(-1))
         return out
 
-    def master(self) -> torch.Tensor:
-        return torch.cat([part.detach() for part in self.optimizer.single_partition_of_fp32_groups]).float()
+    def master_views(self) -> list[torch.Tensor]:
+        return self._masters
+
+    def written(self) -> None:
+        """Offload: the clipping norms recorded at the boundary become those of the written gradient."""
+        if self.offload:
+            _record_norms(self.optimizer, [place[-1] for place in self._places], self._offloaded)
+
+
+def _record_norms(optimizer, param_ids: list[int], grads: list[torch.Tensor]) -> None:
+    """Under offload DeepSpeed clips with per-parameter norms it records as each gradient reaches
+    the host partition (`norm_for_param_grads`); Bi-Drop rewrites those gradients afterwards."""
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    for param_id, grad in zip(param_ids, grads):
+        if param_id in optimizer.norm_for_param_grads:
+            optimizer.norm_for_param_grads[param_id] = grad.to(get_norm_dtype()).norm(2)
 
 
 class Zero0Replica:
     """ZeRO-0: no partitioning; every pass end is a boundary, where DeepSpeed all-reduces `p.grad`
-    in place. Every rank then holds the whole reduced gradient, as under DDP, so the statistics
-    cover the whole model on every rank (8 bytes per trainable element) and each rank selects
-    locally; the masks agree because the reduced gradients are identical. With bf16, DeepSpeed's
-    FP16_UnfusedOptimizer keeps fp32 masters in `fp32_groups`, aligned with `fp16_groups`."""
+    in place (an ineligible `p.grad` left in place holds the reduced earlier passes plus this
+    rank's new one, so the all-reduce keeps the sum). Every rank then holds the whole reduced
+    gradient, as under DDP, so the statistics cover every eligible element on every rank and each
+    rank selects locally; the masks agree because the reduced gradients are identical. With bf16,
+    DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters in `fp32_groups`, aligned with `fp16_groups`."""
 
     boundary_every_pass = True
     selects_locally = True
+    accumulates = True
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         self.params = [param for param in engine.module.parameters() if param.requires_grad]
         opt = engine.optimizer
         masters = {id(low): high for lows, highs in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
                    for low, high in zip(lows, highs)}
-        self._masters = [masters.get(id(param), param) for param in self.params]
+        self._masters = [masters.get(id(param), param).detach().view(-1) for param in self.params]
         self.fragments, offset = [], 0
         for param in self.params:
             name = names[id(param)]
             self.fragments.append(Fragment(name, 0, offset, param.numel(), config.is_eligible(name)))
             offset += param.numel()
-        self.numel = offset
 
     def begin_step(self) -> None:
         for param in self.params:
             param.grad = None
 
-    def segments(self) -> list[torch.Tensor]:
+    def written(self) -> None:
+        """Nothing: DeepSpeed's step reads p.grad as written."""
+
+    def views(self) -> list[torch.Tensor]:
         for param in self.params:
             if param.grad is None:  # a parameter this batch did not reach
                 param.grad = torch.zeros_like(param)
-        return [param.grad for param in self.params]
+        return [param.grad.view(-1) for param in self.params]
 
-    def master(self) -> torch.Tensor:
-        return torch.cat([master.detach().reshape(-1) for master in self._masters]).float()
+    def master_views(self) -> list[torch.Tensor]:
+        return self._masters
 
 
 class DeepSpeedBackend(ShardedBackend):
@@ -214,8 +279,12 @@ class DeepSpeedBackend(ShardedBackend):
                                       f"(supported: {sorted(adapters)})")
         partition = adapters[self.stage](engine, names, config)
         self.rank = dist.get_rank()
-        comm = ProcessGroupCommunicator(data_parallel_group(engine))
-        super().__init__(partition, config, torch.device(engine.device), comm,
+        engine_device = torch.device(engine.device)
+        comm = ProcessGroupCommunicator(data_parallel_group(engine), device=engine_device)
+        # Under ZeRO-Offload the gradient partition is in host memory, and so are the statistics:
+        # Bi-Drop then allocates nothing on the accelerator.
+        device = torch.device("cpu") if getattr(partition, "offload", False) else engine_device
+        super().__init__(partition, config, device, comm,
                          module_parameters(engine.module), selects_locally=getattr(partition, "selects_locally", False))
 
     def check_chunks(self, chunks: int) -> None:
@@ -232,6 +301,7 @@ class DeepSpeedBackend(ShardedBackend):
     def begin_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(False)
         self.partition.begin_step()
+        super().begin_step()
 
     @contextmanager
     def micro_step(self, last_in_pass: bool, last_in_step: bool) -> Iterator[None]:
@@ -252,13 +322,13 @@ class DeepSpeedBackend(ShardedBackend):
     def skip_step(self) -> None:
         """Skip on every rank. fp16 takes DeepSpeed's overflow path (the step sees inf, skips, and
         backs the loss scale off); otherwise the engine does not step and the gradients are zeroed."""
-        segments = self.partition.segments()
+        views = [view for view in self.partition.views() if view.numel()]
         if self.engine.fp16_enabled():
-            for segment in segments:  # a rare path: a plain loop is fine
-                segment.fill_(float("inf"))
+            for view in views:  # a rare path: a plain loop is fine
+                view.fill_(float("inf"))
             self.optimizer_step()
         else:
-            torch._foreach_zero_(segments)
+            torch._foreach_zero_(views)
 
     def optimizer_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)

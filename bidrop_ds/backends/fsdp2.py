@@ -66,14 +66,19 @@ class Fsdp2Shards:
         self.numel = offset
         self.mesh = self.params[0].device_mesh
 
-    def segments(self) -> list[torch.Tensor]:
+    accumulates = True  # each backward's reduce-scatter adds to p.grad
+
+    def views(self) -> list[torch.Tensor]:
         for param in self.params:
             if param.grad is None:  # a parameter this batch did not reach
                 param.grad = torch.zeros_like(param)
         return [param.grad.to_local().view(-1) for param in self.params]
 
-    def master(self) -> torch.Tensor:
-        return torch.cat([param.detach().to_local().reshape(-1) for param in self.params]).float()
+    def master_views(self) -> list[torch.Tensor]:
+        return [param.detach().to_local().view(-1) for param in self.params]
+
+    def written(self) -> None:
+        """Nothing: the optimizer reads p.grad as written."""
 
 
 class Fsdp2Backend(ShardedBackend):
@@ -93,6 +98,7 @@ class Fsdp2Backend(ShardedBackend):
     def begin_step(self) -> None:
         for param in self.partition.params:
             param.grad = None
+        super().begin_step()
 
     @contextmanager
     def micro_step(self, last_in_pass: bool, last_in_step: bool) -> Iterator[None]:

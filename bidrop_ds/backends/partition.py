@@ -1,6 +1,6 @@
-"""The part shared by backends whose statistics cover this rank's shard of every trainable element
-(DeepSpeed ZeRO, FSDP2): fragments that say which parameter each element belongs to, segments
-(views where each pass's gradient lives) and a flat layout over them that the core works on."""
+"""The part shared by backends whose gradients are sharded (DeepSpeed ZeRO, FSDP2): fragments that
+say which parameter each element of this rank's partition belongs to, views where each pass's
+gradient lives (one per fragment), and the statistics' layout over the eligible ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from torch import nn
 
 from bidrop_ds.config import BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator
-from bidrop_ds.core.ranges import complement
 
 
 @dataclass(frozen=True)
@@ -44,69 +43,121 @@ def module_parameters(module: nn.Module) -> list[tuple[str, int]]:
 
 
 class Partition(Protocol):
-    """This rank's elements: `fragments` place parameters in a flat layout of `numel` elements,
-    `segments()` are the tensors holding the current pass's gradient in that layout's order, and
-    `master()` the (fp32 master) weights in the same layout."""
+    """This rank's elements: `fragments` place parameters in the rank's flat partition, `views()`
+    are the tensors holding the current pass's gradient (one 1-D view per fragment, in fragment
+    order) and `master_views()` the (fp32 master) weights, likewise. `accumulates`: a pass's
+    gradient left in place is added to by the next pass's (so ineligible elements sum themselves)."""
 
     fragments: list[Fragment]
-    numel: int
+    accumulates: bool
 
-    def segments(self) -> list[torch.Tensor]: ...
+    def views(self) -> list[torch.Tensor]: ...
 
-    def master(self) -> torch.Tensor: ...
+    def master_views(self) -> list[torch.Tensor]: ...
+
+    def written(self) -> None:
+        """The step's final gradient is in `views()` (for bookkeeping the engine did at the boundary)."""
 
 
 class ShardedBackend:
-    """The statistics cover every trainable element this rank holds; elements of ineligible
-    parameters (and padding) get a negative score, which the selection skips and the mask keeps."""
+    """The statistics cover the eligible elements this rank holds, laid out as its eligible
+    fragments one after another. Ineligible elements cost no statistics: where the partition
+    accumulates, their gradient is left in place through the passes (it sums itself) and divided
+    by k at the end, which is exactly their mean; where it does not, they are summed in an fp32
+    buffer of their own (4 bytes per ineligible element)."""
 
     def __init__(self, partition: Partition, config: BiDropConfig, device: torch.device,
                  agreement_comm: Communicator, parameters: list[tuple[str, int]],
                  selects_locally: bool = False) -> None:
         self.partition = partition
         self._parameters = [(name, numel) for name, numel in parameters if config.is_eligible(name)]
-        self.numel = partition.numel
         self.device = device
         self.agreement_comm = agreement_comm
         # A replica (every rank holds every element) selects locally; a shard selects over the group.
         self.selection_comm = LocalCommunicator() if selects_locally else agreement_comm
-        # Eligible elements held here; no collective in construction: BiDrop's one all-reduce, after
+        fragments = partition.fragments
+        self._eligible = [i for i, f in enumerate(fragments) if f.eligible and f.numel]
+        self._others = [i for i, f in enumerate(fragments) if not f.eligible and f.numel]
+        self.eligible_fragments = [fragments[i] for i in self._eligible]  # in the statistics' order
+        self._stats_offsets, offset = {}, 0
+        for i in self._eligible:
+            self._stats_offsets[i] = offset
+            offset += fragments[i].numel
+        # The statistics' layout; no collective in construction: BiDrop's one all-reduce, after
         # every rank built its part, sets `total_numel` (over the ranks, or held_numel on a replica).
-        self.held_numel = sum(f.numel for f in partition.fragments if f.eligible)
-        # elements of ineligible parameters and padding: not scored, never candidates, always kept
-        self.ineligible_ranges = complement(self.numel, [(f.offset, f.offset + f.numel)
-                                                        for f in partition.fragments if f.eligible])
+        self.numel = self.held_numel = offset
+        others = sum(fragments[i].numel for i in self._others)
+        self._others_sum = (torch.zeros(others, dtype=torch.float32, device=device)
+                            if others and not partition.accumulates else None)
+
+    @property
+    def own_bytes(self) -> int:
+        """Bytes of this backend's own buffer (the ineligible sum, where the partition does not accumulate)."""
+        return self._others_sum.nbytes if self._others_sum is not None else 0
 
     def parameter_slices(self) -> list[ParameterSlice]:
-        """Every eligible parameter (same list on every rank) with the ranges this rank holds."""
+        """Every eligible parameter (same list on every rank) with its ranges in the statistics."""
         held: dict[str, list[tuple[int, int]]] = {}
-        for f in self.partition.fragments:
-            if f.eligible and f.numel:
-                held.setdefault(f.name, []).append((f.offset, f.offset + f.numel))
+        for i in self._eligible:
+            f, start = self.partition.fragments[i], self._stats_offsets[i]
+            held.setdefault(f.name, []).append((start, start + f.numel))
         return [ParameterSlice(name, numel, tuple(held.get(name, ()))) for name, numel in self._parameters]
 
+    def _split(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        views = self.partition.views()
+        return [views[i] for i in self._eligible], [views[i] for i in self._others]
+
     def pass_gradient(self) -> list[torch.Tensor]:
-        return self.partition.segments()
+        """This pass's gradient of the eligible elements: views where it lives."""
+        return self._split()[0]
+
+    def begin_step(self) -> None:
+        if self._others_sum is not None:
+            self._others_sum.zero_()
 
     def end_pass(self) -> None:
-        torch._foreach_zero_(self.partition.segments())
+        """After a pass is folded: zero its eligible gradient; the ineligible one stays (or is
+        added to this backend's sum where the partition does not accumulate)."""
+        eligible, others = self._split()
+        torch._foreach_zero_(eligible)
+        if self._others_sum is not None:
+            for total, grad in zip(self._others_sum.split([t.numel() for t in others]), others):
+                total.add_(grad)
 
-    def abs_params(self) -> torch.Tensor:
-        """The (fp32 master) weights in the partition's layout; the scores take their absolute value."""
-        return self.partition.master()
+    def abs_params(self) -> list[torch.Tensor]:
+        """The (fp32 master) weights of the eligible elements, views in the statistics' order."""
+        masters = self.partition.master_views()
+        return [masters[i] for i in self._eligible]
 
-    def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
-        """Give the elements of ineligible parameters (and padding) the score `value`."""
-        for start, end in self.ineligible_ranges:
-            scores[start:end] = value
+    def master_snapshot(self) -> torch.Tensor:
+        """A copy of this rank's (fp32 master) weights, every fragment held one after another: for
+        checks and tests (soak faults, the oracle), never on the step path."""
+        views = [view for view in self.partition.master_views() if view.numel()]
+        return torch.cat([view.reshape(-1).float() for view in views]) if views else torch.zeros(0)
 
     def others_finite(self) -> bool:
-        return True  # every trainable element is in the statistics
+        """Whether the ineligible gradients summed so far are finite (one max-abs per fragment)."""
+        pieces = [t for t in self._split()[1] if t.numel()]
+        if self._others_sum is not None:
+            pieces.append(self._others_sum)
+        return not pieces or bool(torch.isfinite(torch.stack(torch._foreach_norm(pieces, float("inf")))).all())
 
     def discard_gradients(self) -> None:
         """Zero this pass's gradient without any optimizer step (Fisher estimation batches)."""
-        torch._foreach_zero_(self.partition.segments())
+        torch._foreach_zero_([t for t in self.partition.views() if t.numel()])
 
-    def write_gradients(self, update: torch.Tensor, passes: int) -> None:
-        segments = [t.view(-1) for t in self.partition.segments()]
-        torch._foreach_copy_(segments, list(update.split([t.numel() for t in segments])))
+    def write_update(self, update: torch.Tensor) -> None:
+        """The eligible gradient := `update` (flat, in the statistics' layout)."""
+        eligible = self._split()[0]
+        torch._foreach_copy_(eligible, list(update.split([t.numel() for t in eligible])))
+
+    def finish_others(self, passes: int) -> None:
+        """The ineligible gradient := the mean of its passes (their sum, in place, divided by k).
+        Called last, once the whole gradient is written."""
+        others = self._split()[1]
+        if self._others_sum is not None:
+            for grad, total in zip(others, self._others_sum.split([t.numel() for t in others])):
+                grad.add_(total)
+        if others and passes > 1:
+            torch._foreach_div_(others, float(passes))
+        self.partition.written()

@@ -69,13 +69,10 @@ class TorchBackend:
             offset += param.numel()
         return out
 
+    own_bytes = 0  # the flat buffer is the eligible parameters' .grad storage, not an extra
+
     def check_chunks(self, chunks: int) -> None:
         """Any number of chunks works: each pass averages them."""
-
-    ineligible_ranges: tuple[tuple[int, int], ...] = ()  # the statistics cover eligible parameters only
-
-    def mark_ineligible(self, scores: torch.Tensor, value: float) -> None:
-        """Nothing to mark: the statistics cover the eligible parameters only."""
 
     def begin_step(self) -> None:
         """Zero every gradient and (re)attach the flat-buffer views (an outside zero_grad may drop them)."""
@@ -116,9 +113,12 @@ class TorchBackend:
             return True
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
-    def write_gradients(self, eligible_update: torch.Tensor, passes: int) -> None:
-        """Eligible grads := the (masked) update; the others := the mean of their pass sum."""
+    def write_update(self, eligible_update: torch.Tensor) -> None:
+        """Eligible grads := the (masked) update."""
         self.flat_grad.copy_(eligible_update)
+
+    def finish_others(self, passes: int) -> None:
+        """The other trainable grads := the mean of their pass sum."""
         grads = [param.grad for param in self.others if param.grad is not None]
         if grads and passes > 1:
             torch._foreach_div_(grads, float(passes))

@@ -1,8 +1,10 @@
-"""Index ranges over a flat layout: the one helper the scores and the backends share."""
+"""Index ranges over a flat layout (one tensor, or pieces laid one after another)."""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+import torch
 
 
 def complement(total: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -16,4 +18,15 @@ def complement(total: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int,
         cursor = max(cursor, end)
     if cursor < total:
         out.append((cursor, total))
+    return out
+
+
+def layout_slices(pieces: Sequence[torch.Tensor], start: int, end: int) -> list[torch.Tensor]:
+    """The views of [start, end) of the layout that the 1-D `pieces` form one after another."""
+    out, base = [], 0
+    for piece in pieces:
+        lo, hi = max(start, base), min(end, base + piece.numel())
+        if lo < hi:
+            out.append(piece[lo - base:hi - base])
+        base += piece.numel()
     return out

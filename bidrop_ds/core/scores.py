@@ -60,6 +60,8 @@ def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor | Sequence[tor
         raise ValueError("scores_into_m2: no pass has been folded into the statistics")
     if kind not in ("product", "perturbation", "scaling", "random"):
         raise ValueError(f"unknown score kind {kind!r}")
+    if k == 1:
+        out.zero_()  # one pass: no spread (M2 is not accumulated before a second pass)
     keep = complement(out.numel(), ineligible)
     if kind == "random":  # drawn over all elements, so the draws do not depend on `ineligible`
         out.uniform_(0.0, 1.0, generator=generator)
@@ -69,29 +71,113 @@ def scores_into_m2(stats: PassStatistics, abs_param: torch.Tensor | Sequence[tor
         raise ValueError(f"scores_into_m2: abs_param has {sum(p.numel() for p in pieces)} elements, "
                          f"the statistics {out.numel()}")
     step = min(CHUNK.get(out.device.type, DEFAULT_CHUNK), out.numel())
-    abs_mean = torch.empty(step, dtype=torch.float32, device=out.device)
-    abs_theta = torch.empty(step if kind != "perturbation" else 0, dtype=torch.float32, device=out.device)
-    spread_eps = eps * grad_scale
+    kernel = _ScoreKernel(kind, k, eps, grad_scale, step, out.device)
     for start, end, theta in _spans(pieces, keep, out.device):
-        length = end - start
-        score, a = out[start:end], torch.abs(mean[start:end], out=abs_mean[:length])
-        if kind != "scaling":                                  # F_per = |m| / (s + eps)
-            score.div_(k).sqrt_().add_(spread_eps)             # s + eps (in unscaled units)
+        kernel(out[start:end], mean[start:end], theta)
+    for start, end in complement(out.numel(), complement(out.numel(), ineligible)):
+        out[start:end] = -1.0                                  # not candidates
+    return out
+
+
+class _ScoreKernel:
+    """The score of one chunk from its M2 (in `score`, overwritten), mean and theta, through two
+    chunk-sized buffers: F_per = |m| / (sqrt(M2 / k) + eps) and F_sca = |m| / (|theta| + eps)."""
+
+    def __init__(self, kind: str, k: int, eps: float, grad_scale: float, step: int, device: torch.device) -> None:
+        self.kind, self.k, self.eps = kind, k, eps
+        self.spread_eps = eps * grad_scale  # s + eps in unscaled units
+        self.abs_mean = torch.empty(step, dtype=torch.float32, device=device)
+        self.abs_theta = torch.empty(step if kind != "perturbation" else 0, dtype=torch.float32, device=device)
+
+    def __call__(self, score: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> None:
+        length = score.numel()
+        a = torch.abs(mean, out=self.abs_mean[:length])
+        if self.kind != "scaling":                             # F_per = |m| / (s + eps)
+            score.div_(self.k).sqrt_().add_(self.spread_eps)
             torch.div(a, score, out=score)
-        if kind != "perturbation":                             # F_sca = |m| / (|theta| + eps)
-            t = abs_theta[:length]
+        if self.kind != "perturbation":                        # F_sca = |m| / (|theta| + eps)
+            t = self.abs_theta[:length]
             if theta.dtype == torch.float32:
                 torch.abs(theta, out=t)
             else:
                 t.copy_(theta).abs_()
-            t.add_(eps)
-            if kind == "scaling":
+            t.add_(self.eps)
+            if self.kind == "scaling":
                 torch.div(a, t, out=score)
             else:
                 score.mul_(a.div_(t))                          # F_per * F_sca (no overflow in between)
-    for start, end in complement(out.numel(), complement(out.numel(), ineligible)):
-        out[start:end] = -1.0                                  # not candidates
-    return out
+
+
+def _aligned(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], step: int
+             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(offset, slice of `first`, slice of `second`) over two piece lists of one flat layout, each
+    pair inside one piece of each list, at most `step` long."""
+    pieces = iter(second)
+    other, used = None, 0
+    offset = 0
+    for piece in first:
+        done = 0
+        while done < piece.numel():
+            while other is None or used == other.numel():
+                other, used = next(pieces).reshape(-1), 0
+            length = min(step, piece.numel() - done, other.numel() - used)
+            yield offset, piece[done:done + length], other[used:used + length]
+            done, used, offset = done + length, used + length, offset + length
+
+
+def pair_scores_(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch.Tensor], kind: str, eps: float,
+                 generator: torch.Generator | None = None, grad_scale: float = 1.0) -> list[torch.Tensor]:
+    """k = 2 in one sweep: from pass 1 in `stats.mean` and pass 2 held in `stats.last` (fp32
+    views where the gradient lives), write the mean of the two into `stats.mean` and the scores
+    into pass 2's own views, which are returned (a list of views: no buffer of the plugin's).
+
+    The arithmetic is Welford's for n = 2 (delta = g2 - g1, mean = g1 + delta / 2,
+    M2 = delta^2 / 2), then the scores of `scores_into_m2`; `abs_param` is theta (any float dtype,
+    one tensor or pieces) over the same elements. `stats.spread_max` records the largest M2
+    (0: the two passes were equal).
+    """
+    if stats.count != 2 or stats.last is None:
+        raise ValueError(f"pair_scores_: needs pass 1 folded and pass 2 held (count {stats.count})")
+    if kind not in ("product", "perturbation", "scaling", "random"):
+        raise ValueError(f"unknown score kind {kind!r}")
+    last = stats.last
+    pieces = [abs_param] if isinstance(abs_param, torch.Tensor) else list(abs_param)
+    if any(piece.dtype != torch.float32 for piece in last):
+        raise ValueError("pair_scores_: pass 2 must be held in fp32 (its views receive the scores)")
+    if sum(piece.numel() for piece in pieces) != stats.numel:
+        raise ValueError(f"pair_scores_: abs_param has {sum(p.numel() for p in pieces)} elements, "
+                         f"the statistics {stats.numel}")
+    device = stats.device
+    step = max(1, min(CHUNK.get(device.type, DEFAULT_CHUNK), stats.numel))
+    delta = torch.empty(step, dtype=torch.float32, device=device)
+    kernel = _ScoreKernel(kind, 2, eps, grad_scale, step, device)
+    spread_max = torch.zeros((), dtype=torch.float32, device=device)
+    mean = stats.mean
+    for offset, g2, theta in _aligned(last, pieces, step):
+        m, d = mean[offset:offset + g2.numel()], delta[:g2.numel()]
+        torch.sub(g2, m, out=d)
+        m.add_(d, alpha=0.5)                                   # the mean
+        torch.mul(d, d, out=g2).mul_(0.5)                      # M2, in place of pass 2
+        torch.maximum(spread_max, g2.max(), out=spread_max)
+        if kind != "random":
+            kernel(g2, m, theta)
+    if kind == "random":
+        for grad in last:
+            grad.uniform_(0.0, 1.0, generator=generator)
+    stats.last, stats.spread_max = None, spread_max
+    return list(last)
+
+
+def masked_mean_into_(scores: Sequence[torch.Tensor], mean: torch.Tensor, threshold: float,
+                      divisor: float = 1.0) -> None:
+    """scores := mean * (scores >= threshold) / divisor, piece by piece in place (the pair path's
+    final write: the scores sit where the gradient lives, so this is the update)."""
+    step = CHUNK.get(mean.device.type, DEFAULT_CHUNK)
+    for offset, score, _ in _aligned(scores, [mean], step):
+        torch.ge(score, threshold, out=score)
+        score.mul_(mean[offset:offset + score.numel()])
+        if divisor != 1.0:
+            score.div_(divisor)
 
 
 def mask_update_(update: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -70,9 +70,12 @@ class Threshold:
     kept: int
 
 
-def _spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
-    step = CHUNK.get(device.type, DEFAULT_CHUNK)
-    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+def _slices(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The pieces cut into consecutive slices of at most one chunk each (views)."""
+    if not pieces:
+        return []
+    step = CHUNK.get(pieces[0].device.type, DEFAULT_CHUNK)
+    return [piece[start:start + step] for piece in pieces for start in range(0, piece.numel(), step)]
 
 
 def _pick(counts: list[int], remaining: int) -> tuple[int, int, int]:
@@ -108,46 +111,45 @@ def _plan(first: int) -> list[int]:
     return plan
 
 
-def _first_pass(bits: torch.Tensor, first: int, local: torch.Tensor) -> None:
+def _first_pass(slices: list[torch.Tensor], first: int, local: torch.Tensor) -> None:
     """local[1 + top `first` bits after the sign] += 1 per candidate; non-candidates go to local[0]."""
     shift = 31 - first
-    spans = _spans(bits.numel(), bits.device)
-    buf = torch.empty(max((end - start for start, end in spans), default=0), dtype=torch.int32, device=bits.device)
-    cpu = bits.device.type == "cpu"
-    for start, end in spans:
-        key = torch.clamp(bits[start:end], min=-(1 << shift), out=buf[:end - start])  # negative -> -1 below
+    buf = torch.empty(max((piece.numel() for piece in slices), default=0), dtype=torch.int32, device=local.device)
+    cpu = local.device.type == "cpu"
+    for piece in slices:
+        key = torch.clamp(piece, min=-(1 << shift), out=buf[:piece.numel()])  # negative -> -1 below
         key.bitwise_right_shift_(shift).add_(1)
         if cpu and int(key.max()) == 0:
             continue  # a run of non-candidates (an ineligible parameter): nothing to count
         local.add_(torch.bincount(key, minlength=local.numel()))
 
 
-def _gather(bits: torch.Tensor, shift: int, prefix: int) -> torch.Tensor:
+def _gather(slices: list[torch.Tensor], shift: int, prefix: int, device: torch.device) -> torch.Tensor:
     """The bit patterns whose top bits (bits >> shift) equal `prefix`, gathered into a new tensor.
 
     Per chunk: the hits as a byte mask, whose nonzero 8-byte words (scanned as int64) locate them."""
-    spans = _spans(bits.numel(), bits.device)
-    size = (max((end - start for start, end in spans), default=0) + 7) // 8 * 8
-    shifted = torch.empty(size, dtype=torch.int32, device=bits.device)
-    hit = torch.zeros(size, dtype=torch.uint8, device=bits.device)
-    lanes = torch.arange(8, device=bits.device)
+    size = (max((piece.numel() for piece in slices), default=0) + 7) // 8 * 8
+    shifted = torch.empty(size, dtype=torch.int32, device=device)
+    hit = torch.zeros(size, dtype=torch.uint8, device=device)
+    lanes = torch.arange(8, device=device)
     found = []
-    for start, end in spans:
-        length = end - start
-        torch.bitwise_right_shift(bits[start:end], shift, out=shifted[:length])
+    for piece in slices:
+        length = piece.numel()
+        torch.bitwise_right_shift(piece, shift, out=shifted[:length])
         torch.eq(shifted[:length], prefix, out=hit[:length])
         hit[length:] = 0
         words = hit.view(torch.int64).nonzero().view(-1)
         if words.numel():
             index = (words.unsqueeze(1) * 8 + lanes).view(-1)
             index = index[hit[index].bool()]
-            found.append(bits[start:end].index_select(0, index))
+            found.append(piece.index_select(0, index))
     if not found:
-        return bits.new_empty(0)
+        return torch.empty(0, dtype=torch.int32, device=device)
     return found[0] if len(found) == 1 else torch.cat(found)
 
 
-def _field_histogram(values: torch.Tensor, low: int, shift: int, width: int, chunked: bool) -> torch.Tensor:
+def _field_histogram(slices: list[torch.Tensor], low: int, shift: int, width: int, device: torch.device
+                     ) -> torch.Tensor:
     """Counts of the `width`-bit field above `shift` of the patterns in [low, low + 2^(shift+width)).
 
     A clamp to [low - 2^shift, high] and a shift map those patterns to 1..2^width and everything
@@ -155,20 +157,19 @@ def _field_histogram(values: torch.Tensor, low: int, shift: int, width: int, chu
     bins = 1 << width
     floor = low - (1 << shift)
     high = min(low + (bins << shift), INT32_MAX)  # INT32_MAX itself, if in range, lands in its own bin
-    hist = torch.zeros(bins + 2, dtype=torch.int64, device=values.device)
-    spans = _spans(values.numel(), values.device) if chunked else [(0, values.numel())]
-    buf = torch.empty(max((end - start for start, end in spans), default=0), dtype=torch.int32,
-                      device=values.device)
-    for start, end in spans:
-        field = torch.clamp(values[start:end], floor, high, out=buf[:end - start])
+    hist = torch.zeros(bins + 2, dtype=torch.int64, device=device)
+    buf = torch.empty(max((piece.numel() for piece in slices), default=0), dtype=torch.int32, device=device)
+    for piece in slices:
+        field = torch.clamp(piece, floor, high, out=buf[:piece.numel()])
         field.sub_(floor).bitwise_right_shift_(shift)
         hist.add_(torch.bincount(field, minlength=bins + 2))
     return hist[1:bins + 1].clone()
 
 
-def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
-                     locally_nonfinite: bool = False) -> Threshold | None:
-    """The n-th largest score over all ranks (each passes its own flat float32 `scores`).
+def global_threshold(scores: torch.Tensor | Sequence[torch.Tensor], n: int, comm: Communicator,
+                     locally_nonfinite: bool = False, device: torch.device | None = None) -> Threshold | None:
+    """The n-th largest score over all ranks (each passes its own float32 `scores`: one tensor,
+    or a list of pieces, views where they live, read in place).
 
     Scores are >= 0 (or +inf); a negative score marks an element that is not a candidate (an
     ineligible parameter or padding inside a partition): it is neither counted in N nor kept.
@@ -176,17 +177,21 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
     Every rank must call this with the same n (and on the same device type). `locally_nonfinite`
     says this rank's statistics are poisoned: the flag rides in the first all-reduce, and if any
     rank raised it every rank returns None (skip the step) without looking at its scores further.
-    n must be in 1..N. `scores` is only read.
+    n must be in 1..N. `scores` is only read. `device` is where the counts live (needed only if
+    `scores` is an empty list).
     """
-    if scores.dtype != torch.float32:
-        raise TypeError(f"select: scores must be float32, got {scores.dtype}")
-    bits = scores.contiguous().view(-1).view(torch.int32)
-    numel, device = bits.numel(), bits.device
+    pieces = [scores] if isinstance(scores, torch.Tensor) else list(scores)
+    if any(piece.dtype != torch.float32 for piece in pieces):
+        raise TypeError(f"select: scores must be float32, got {sorted({str(p.dtype) for p in pieces})}")
+    bits = [piece.contiguous().view(-1).view(torch.int32) for piece in pieces]
+    slices = _slices(bits)
+    numel = sum(piece.numel() for piece in bits)
+    device = bits[0].device if bits else (device or torch.device("cpu"))
     first = FIRST_BITS.get(device.type, DEFAULT_FIRST_BITS)
     plan = _plan(first)
     local = torch.zeros((1 << first) + 1, dtype=torch.int64, device=device)
     if not locally_nonfinite:
-        _first_pass(bits, first, local)
+        _first_pass(slices, first, local)
     candidates = local[1:]
     top = candidates.view(1 << FLAG_BITS, -1).sum(1) if first > FLAG_BITS else candidates
     flagged = torch.cat([top, torch.tensor([int(locally_nonfinite)], dtype=torch.int64, device=device)])
@@ -207,12 +212,12 @@ def global_threshold(scores: torch.Tensor, n: int, comm: Communicator,
         prefix, known, rounds, above = (prefix << width) | digit, first, 2, above + more
     left = 31 - known  # bits still unknown; local[1 + prefix] of this rank's elements share the prefix
     if int(local[1 + prefix]) * COMPACT_DIVISOR <= numel:
-        values, chunked = _gather(bits, left, prefix), False
+        values = [_gather(slices, left, prefix, device)]
     else:  # too many to gather (heavy ties): the later rounds read all the scores again
-        values, chunked = bits, True
+        values = slices
     for width in plan[rounds:]:
         shift = left - width
-        hist = _field_histogram(values, prefix << left, shift, width, chunked)
+        hist = _field_histogram(values, prefix << left, shift, width, device)
         comm.all_reduce_sum(hist)
         counts = hist.tolist()
         digit, remaining, more = _pick(counts, remaining)

@@ -20,10 +20,15 @@ class Outcome:
 
 
 class MaskRule(Protocol):
-    """Turns the folded passes (`bidrop.stats`) into the update, in place of `bidrop.stats.mean`.
+    """Turns the passes (`bidrop.stats`) into the update.
 
-    `decide` runs on every rank with the same `step`; it must agree with the other ranks on whether
-    the step is finite (returning None on every rank if not) and must not touch the gradients."""
+    `prepare` finishes the statistics (it may read the held last pass where it lives) and says
+    whether the update will be written in place there (else it is `bidrop.stats.mean`, which
+    BiDrop copies into the gradient). `decide` runs on every rank with the same `step`, after
+    the finiteness check; it must agree with the other ranks on whether the step is finite
+    (returning None on every rank if not) and touches the gradient only where `prepare` said so."""
+
+    def prepare(self, step: int, grad_scale: float) -> bool: ...
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None: ...
 
@@ -43,11 +48,28 @@ def agree(bidrop: "BiDrop", finite: bool, kept_local: int = 0) -> tuple[bool, in
     return int(flags[0]) == 0, int(flags[1]) if sharded else kept_local
 
 
+class FoldsPasses:
+    """A rule that works on the mean: the held last pass is folded in (Welford) at `prepare`."""
+
+    bidrop: "BiDrop"
+
+    def prepare(self, step: int, grad_scale: float) -> bool:
+        self.bidrop.stats.fold_last()
+        return False
+
+
 class Unmasked:
-    """Vanilla fine-tuning (and Bi-Drop with k = 1 or p = 1): the update is the mean gradient."""
+    """Vanilla fine-tuning (and Bi-Drop with k = 1 or p = 1): the update is the mean gradient;
+    with one pass it is the gradient itself, left in place (no statistics at all)."""
 
     def __init__(self, bidrop: "BiDrop") -> None:
         self.bidrop = bidrop
+
+    def prepare(self, step: int, grad_scale: float) -> bool:
+        if self.bidrop.stats.count == 1:
+            return True
+        self.bidrop.stats.fold_last()
+        return False
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
         finite, _ = agree(self.bidrop, finite)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from bidrop_ds.core import global_threshold, kept_count, scores_into_m2
-from bidrop_ds.core.scores import mask_update_
+from bidrop_ds.core.scores import mask_update_, masked_mean_into_, pair_scores_
 from bidrop_ds.strategies.base import Outcome, agree
 
 if TYPE_CHECKING:
@@ -18,36 +18,58 @@ logger = logging.getLogger(__name__)
 
 
 class BiDropRule:
-    """Scores in place of M2, one exact global threshold, the mean masked (and optionally / p)."""
+    """Scores, one exact global threshold, the mean masked (and optionally / p).
+
+    k = 2 with fp32 gradients (the default): the scores are computed into the second pass's own
+    views and the masked mean is written there (4 bytes of statistics per eligible element).
+    Otherwise (k > 2, 16-bit gradients) the Welford statistics hold the scores in M2 and the
+    masked mean is copied into the gradient (8 bytes)."""
 
     def __init__(self, bidrop: "BiDrop") -> None:
         self.bidrop = bidrop
         self.n = kept_count(bidrop.config.p, bidrop.backend.total_numel)
         self.warned_identical = False
+        self.scores: torch.Tensor | list[torch.Tensor] | None = None
 
-    def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
+    def prepare(self, step: int, grad_scale: float) -> bool:
         bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
-        if not self.warned_identical and bidrop.stats.spread_is_zero():  # before the scores replace M2
+        stats = bidrop.stats
+        pair = config.k == 2 and stats.last is not None and all(t.dtype == torch.float32 for t in stats.last)
+        generator = bidrop.mask_generator(step) if config.score == "random" else None
+        if pair:
+            self.scores = pair_scores_(stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
+        else:
+            stats.fold_last()
+        self._warn_if_identical(step)
+        if not pair:
+            self.scores = scores_into_m2(stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
+        return pair
+
+    def _warn_if_identical(self, step: int) -> None:
+        if not self.warned_identical and self.bidrop.stats.spread_is_zero():  # before the scores replace M2
             self.warned_identical = True
             logger.warning("Bi-Drop step %d: the k = %d passes gave identical gradients on every element this "
                            "rank holds, so dropout did not act and the mask ranks by gradient magnitude alone. "
                            "Check that the model's dropout is really on (a model may disable it internally "
                            "whatever its config says) and that no module is in eval mode (warned once)",
-                           step, config.k)
-        generator = bidrop.mask_generator(step) if config.score == "random" else None
-        scores = scores_into_m2(bidrop.stats, backend.abs_params(), config.score, config.eps, generator, grad_scale,
-                                ineligible=backend.ineligible_ranges)  # -1 there: not a candidate, not scored
-        found = global_threshold(scores, self.n, backend.selection_comm, not finite)
+                           step, self.bidrop.config.k)
+
+    def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
+        bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
+        scores, self.scores = self.scores, None
+        found = global_threshold(scores, self.n, backend.selection_comm, not finite, device=backend.device)
         finite = finite and found is not None
         if backend.selection_comm is not backend.agreement_comm:
             finite, _ = agree(bidrop, finite)  # the selection did not already carry the flag
         if not finite:
             return None
-        update = bidrop.stats.mean
-        if config.rescale:  # the kept eligible elements only (ineligible ones score -1)
-            torch.where(scores >= found.value, update / config.p, update, out=update)
-        backend.mark_ineligible(scores, float("inf"))  # ineligible: always kept
-        mask_update_(update, scores, found.value)  # update *= (scores >= tau); the scores are consumed
+        divisor = config.p if config.rescale else 1.0
+        if isinstance(scores, list):  # the pair path: the scores sit where the gradient lives
+            masked_mean_into_(scores, bidrop.stats.mean, found.value, divisor)
+        else:
+            mask_update_(bidrop.stats.mean, scores, found.value)  # update *= (scores >= tau); scores consumed
+            if divisor != 1.0:
+                bidrop.stats.mean.div_(divisor)
         return Outcome(kept=found.kept, threshold=found.value)
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,27 +14,25 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from bidrop_ds.core import accumulate_squares_, bernoulli_multiplier_, global_threshold, kept_count
-from bidrop_ds.strategies.base import Outcome, agree
+from bidrop_ds.strategies.base import FoldsPasses, Outcome, agree
 
 if TYPE_CHECKING:
     from bidrop_ds.bidrop import BiDrop
 
 
-class ChildTuningF:
+class ChildTuningF(FoldsPasses):
     """A Bernoulli(p) keep mask per step (seeded like the passes), kept gradients scaled by 1/p."""
 
     def __init__(self, bidrop: "BiDrop") -> None:
         self.bidrop = bidrop
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
-        bidrop, backend = self.bidrop, self.bidrop.backend
+        bidrop = self.bidrop
         multiplier = bernoulli_multiplier_(bidrop.stats.m2, bidrop.config.p, bidrop.mask_generator(step))
-        backend.mark_ineligible(multiplier, 0.0)
         kept_local = int(torch.count_nonzero(multiplier))
         finite, kept = agree(bidrop, finite, kept_local)
         if not finite:
             return None
-        backend.mark_ineligible(multiplier, 1.0)  # ineligible: always kept, unscaled
         bidrop.stats.mean.mul_(multiplier)
         return Outcome(kept=kept)
 
@@ -45,7 +43,7 @@ class ChildTuningF:
         """Nothing to restore: each step's mask comes from (seed, step)."""
 
 
-class ChildTuningD:
+class ChildTuningD(FoldsPasses):
     """A fixed mask: the eligible elements of the top-p Fisher information, ties kept."""
 
     def __init__(self, bidrop: "BiDrop") -> None:
@@ -68,9 +66,8 @@ class ChildTuningD:
         if self.fisher is None:
             raise ValueError("ChildTuning-D: no finite batch was given to estimate_fisher")
         backend, config = self.bidrop.backend, self.bidrop.config
-        backend.mark_ineligible(self.fisher, -1.0)
-        found = global_threshold(self.fisher, kept_count(config.p, backend.total_numel), backend.selection_comm)
-        backend.mark_ineligible(self.fisher, float("inf"))
+        found = global_threshold(self.fisher, kept_count(config.p, backend.total_numel), backend.selection_comm,
+                                 device=backend.device)
         self.dropped = self.fisher < found.value
         self.kept, self.threshold = found.kept, found.value
         self.fisher = None

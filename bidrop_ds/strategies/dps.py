@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from bidrop_ds.core import accumulate_squares_, global_threshold, kept_count
-from bidrop_ds.strategies.base import Outcome, agree
+from bidrop_ds.strategies.base import FoldsPasses, Outcome, agree
 
 if TYPE_CHECKING:
     from bidrop_ds.bidrop import BiDrop
 
 
-class Dps:
+class Dps(FoldsPasses):
     """Full phases gather the Fisher sum; masked phases keep each parameter's top p of it."""
 
     def __init__(self, bidrop: "BiDrop") -> None:
@@ -60,7 +60,6 @@ class Dps:
             for view in local:
                 view.ge_(found.value)
             kept += found.kept
-        self.bidrop.backend.mark_ineligible(self.buffer, 1.0)
         self.mask_phase, self.kept = phase, kept
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,20 +16,34 @@ from tests.backends.zero_oracle import (LR, MICRO, assert_matches_oracle, check_
 from tests.distributed import run_distributed
 from tests.models import random_batch, split_chunks, tiny_bert
 
-# stage -> [(precision, fp32 accumulation)]: ZeRO-0/1 bf16 with fp32 accumulation are refused
+def _fp16_supported() -> bool:
+    """DeepSpeed's CPU accelerator takes fp16 only where oneDNN has fp16 kernels (AVX512-FP16/AMX)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+# (stage, precision, fp32 accumulation, offload): ZeRO-0/1 bf16 with fp32 accumulation are refused
 # (DeepSpeed rejects the first, the second is its BF16_Optimizer); with bf16 accumulation the
-# gradients that Bi-Drop reads and writes are bf16.
-PRECISIONS = {0: [("fp32", True), ("bf16", False)], 1: [("fp32", True), ("bf16", False), ("fp16", True)],
-              2: [("fp32", True), ("bf16", True), ("fp16", True)], 3: [("fp32", True), ("bf16", True), ("fp16", True)]}
+# gradients that Bi-Drop reads and writes are bf16. Offload: "optimizer" (host fp32 gradient
+# partition) on ZeRO-2/3, "all" adds offload_param on ZeRO-3. fp16 runs where the CPU has it.
+SCENARIOS = [(0, "fp32", True, None), (0, "bf16", False, None), (1, "fp32", True, None), (1, "bf16", False, None),
+             (1, "fp16", True, None), (2, "fp32", True, None), (2, "bf16", True, None), (2, "fp16", True, None),
+             (3, "fp32", True, None), (3, "bf16", True, None), (3, "fp16", True, None),
+             (2, "fp32", True, "optimizer"), (2, "bf16", True, "optimizer"), (3, "fp32", True, "optimizer"),
+             (3, "bf16", True, "all")]
+if not _fp16_supported():
+    SCENARIOS = [scenario for scenario in SCENARIOS if scenario[1] != "fp16"]
 COMPARED_STEPS = 2  # per scenario; fp16 may first skip overflowing steps while its loss scale settles
 
 
 def _scenarios(rank: int, world_size: int, stages: list[int]) -> list[dict]:
     out = []
-    for stage in stages:
-        for precision, accumulate_fp32 in PRECISIONS[stage]:
+    for stage, precision, accumulate_fp32, offload in SCENARIOS:
+        if stage in stages:
             for chunks in (1, 2):
-                engine = make_engine(stage, precision, chunks, accumulate_fp32=accumulate_fp32)
+                engine = make_engine(stage, precision, chunks, accumulate_fp32=accumulate_fp32, offload=offload)
                 config = BiDropConfig(k=2, p=0.3, seed=11)
                 bidrop = BiDrop(engine, config=config)
                 compared = 0
@@ -42,27 +56,28 @@ def _scenarios(rank: int, world_size: int, stages: list[int]) -> list[dict]:
                     if step == 0 and precision == "fp32" and not row["skipped"]:  # the reference: fp32, step 0
                         row["reference_err"] = reference_pass_error(passes, bidrop.backend.partition.fragments,
                                                                      batch, config)
-                    out.append({"stage": stage, "precision": precision, "chunks": chunks, "step": step, **row})
+                    out.append({"stage": stage, "precision": precision, "offload": offload, "chunks": chunks,
+                                "step": step, **row})
                 engine.destroy()
     return out
 
 
-@pytest.mark.parametrize("stages", [[0, 1, 2, 3]])
+@pytest.mark.parametrize("stages", [[0, 1], [2], [3]])
 def test_zero_matches_oracle(stages):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ranks = run_distributed(_scenarios, world_size=2, timeout_s=600, stages=stages)
     for rows in ranks:
         compared = {}
         for row in rows:
-            scenario = (row["stage"], row["precision"], row["chunks"])
+            scenario = (row["stage"], row["precision"], row["offload"], row["chunks"])
             if row["skipped"]:  # only an fp16 overflow while the loss scale settles may skip
                 assert row["precision"] == "fp16", row
                 continue
             compared[scenario] = compared.get(scenario, 0) + 1
             assert_matches_oracle(row, bound=1e-5)
             assert row.get("reference_err", 0.0) <= 1e-6, row
-        expected = {(stage, precision, chunks) for stage in PRECISIONS for precision, _ in PRECISIONS[stage]
-                    for chunks in (1, 2)}
+        expected = {(stage, precision, offload, chunks) for stage, precision, _, offload in SCENARIOS
+                    if stage in stages for chunks in (1, 2)}
         assert compared == dict.fromkeys(expected, COMPARED_STEPS)
 
 
@@ -73,7 +88,7 @@ def _poisoned_pass(rank: int, world_size: int, stages: list[int]) -> list[dict]:
         engine = make_engine(stage, "fp32", chunks=1)
         bidrop = BiDrop(engine, config=BiDropConfig(k=2, p=0.3, seed=3))
         bidrop.step([random_batch(rank, size=MICRO)])
-        before = bidrop.backend.partition.master()
+        before = bidrop.backend.master_snapshot()
         calls = {"n": 0}
 
         def loss_fn(model, batch):
@@ -82,7 +97,7 @@ def _poisoned_pass(rank: int, world_size: int, stages: list[int]) -> list[dict]:
             return loss * float("nan") if rank == 1 and calls["n"] == 2 else loss
 
         result = bidrop.step([random_batch(10 + rank, size=MICRO)], loss_fn=loss_fn)
-        unchanged = bool(torch.equal(before, bidrop.backend.partition.master()))
+        unchanged = bool(torch.equal(before, bidrop.backend.master_snapshot()))
         after_skip = bidrop.step([random_batch(20 + rank, size=MICRO)])
         out.append({"stage": stage, "skipped": result.skipped, "unchanged": unchanged,
                     "counted": bidrop.skipped_steps, "recovered": not after_skip.skipped})
@@ -101,11 +116,12 @@ def _refusals(rank: int, world_size: int) -> list[str]:
     import deepspeed
 
     messages = []
-    for stage, extra in [(1, {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}),
-                         (2, {"gradient_accumulation_steps": 2,
-                                                                   "train_batch_size": MICRO * 2 * world_size})]:
+    for stage, extra, offload in [(1, {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}, None),
+                                  (2, {"gradient_accumulation_steps": 2, "train_batch_size": MICRO * 2 * world_size},
+                                   None),
+                                  (1, {}, "optimizer")]:
         model = tiny_bert()
-        config = {**ds_config(stage, "fp32", 1, world_size), **extra}
+        config = {**ds_config(stage, "fp32", 1, world_size, offload=offload), **extra}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                           config=config)
         try:
@@ -122,3 +138,4 @@ def test_unsupported_setups_fail_with_a_clear_error():
     messages = run_distributed(_refusals, world_size=2, timeout_s=600)[0]
     assert "BF16_Optimizer" in messages[0] and "grad_accum_dtype" in messages[0]
     assert "gradient_accumulation_steps=2" in messages[1] and "1 chunk(s)" in messages[1]
+    assert "optimizer offload on ZeRO stage 1" in messages[2] and "use stage 2" in messages[2]

@@ -105,12 +105,12 @@ def _poisoned(stage: int) -> dict:
         loss = model(**batch).loss
         return loss * float("inf") if calls == 2 else loss
 
-    scale, before = engine.optimizer.loss_scale, bidrop.backend.partition.master().cpu()
+    scale, before = engine.optimizer.loss_scale, bidrop.backend.master_snapshot().cpu()
     result = bidrop.step(_batch(0, 1, engine.device), loss_fn=loss_fn)
     row = {"stage": stage, "dtype": "fp16", "skipped": result.skipped, "Bi-Drop skipped": bidrop.skipped_steps,
            "DeepSpeed skipped": engine.skipped_steps, "loss scale before": scale,
            "loss scale after": engine.optimizer.loss_scale,
-           "masters bit-identical": torch.equal(before, bidrop.backend.partition.master().cpu()),
+           "masters bit-identical": torch.equal(before, bidrop.backend.master_snapshot().cpu()),
            "recovered": any(not bidrop.step(_batch(1 + i, 1, engine.device)).skipped for i in range(3))}
     engine.destroy()
     return row

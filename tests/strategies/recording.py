@@ -24,10 +24,13 @@ class Recorded:
 def _pieces(bidrop: BiDrop, flat: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
     """(name, start in the parameter, values) of this rank's eligible elements of a flat layout."""
     backend = bidrop.backend
-    partition = getattr(backend, "partition", None)
-    if partition is None:  # torch backend: every eligible parameter whole, in order
+    if not hasattr(backend, "partition"):  # torch backend: every eligible parameter whole, in order
         return [(s.name, 0, flat[a:b]) for s in backend.parameter_slices() for a, b in s.ranges]
-    return [(f.name, f.start, flat[f.offset:f.offset + f.numel]) for f in partition.fragments if f.eligible and f.numel]
+    out, offset = [], 0
+    for f in backend.eligible_fragments:  # laid one after another in the statistics
+        out.append((f.name, f.start, flat[offset:offset + f.numel]))
+        offset += f.numel
+    return out
 
 
 def _assemble(bidrop: BiDrop, flat: torch.Tensor) -> torch.Tensor:
@@ -45,23 +48,23 @@ def _assemble(bidrop: BiDrop, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(bidrop: BiDrop) -> torch.Tensor:
-    backend = bidrop.backend
-    if hasattr(backend, "partition"):
-        return backend.partition.master()
-    return torch.cat([p.detach().reshape(-1) for p in backend.eligible]).float()
+    """The (fp32 master) weights of the eligible elements, in the statistics' layout."""
+    return torch.cat([t.detach().reshape(-1).float() for t in bidrop.backend.abs_params()])
 
 
 def record(bidrop: BiDrop, fisher_batches: list, batches: list) -> Recorded:
     """Estimate the Fisher mask on `fisher_batches` (if any), then one step per batch."""
     grads: list[torch.Tensor] = []
-    update = bidrop.stats.update
+    stats = bidrop.stats
 
-    def recording_update(grad):
-        pieces = [grad] if isinstance(grad, torch.Tensor) else grad
-        grads.append(_assemble(bidrop, torch.cat([g.reshape(-1).float() for g in pieces])))
-        update(grad)
+    def recording(read):
+        def read_and_record(grad):
+            pieces = [grad] if isinstance(grad, torch.Tensor) else grad
+            grads.append(_assemble(bidrop, torch.cat([g.reshape(-1).float() for g in pieces])))
+            read(grad)
+        return read_and_record
 
-    bidrop.stats.update = recording_update
+    stats.update, stats.hold_last = recording(stats.update), recording(stats.hold_last)
     if fisher_batches:
         bidrop.estimate_fisher(fisher_batches)
     before, after, kept = [], [], []
@@ -69,5 +72,5 @@ def record(bidrop: BiDrop, fisher_batches: list, batches: list) -> Recorded:
         before.append(_assemble(bidrop, _weights(bidrop)))
         kept.append(bidrop.step(batch).kept_fraction)
         after.append(_assemble(bidrop, _weights(bidrop)))
-    del bidrop.stats.update
+    del stats.update, stats.hold_last
     return Recorded(grads, before, after, kept, [(s.name, s.numel) for s in bidrop.backend.parameter_slices()])
