@@ -110,9 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "only one of Llama, Qwen and Mistral models, 0 by default); default: the config's own")
     parser.add_argument("--task", default=None,
                         help=f"one of {', '.join(TASK_REGISTRY)} (splits and metrics: bidrop_ds/data/tasks.py); "
-                             f"default {DEFAULT_TASK}, unless your own data is given (--train_file, --dataset_name)")
+                             f"default {DEFAULT_TASK}, unless your own data is given (--train_file, --dataset_name)"
+                             "%(default).0s")
     parser.add_argument("--glue_dir", default=None,
-                        help="folder with the official GLUE task folders (CoLA/, RTE/, ...); default: the hub")
+                        help="folder with the official GLUE task folders (CoLA/, RTE/, ...); default: the hub%(default).0s")
     parser.add_argument("--train_size", type=int, default=3072, help="train examples used (0: all)")
     parser.add_argument("--eval_size", type=int, default=0, help="examples evaluated per held-out set (0: all)")
     parser.add_argument("--dev_size", type=int, default=0, metavar="N",

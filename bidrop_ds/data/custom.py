@@ -127,23 +127,26 @@ class DataSource:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register one flag per `DataSource` field (same names); unset flags stay None."""
+    """Register one flag per `DataSource` field (same names); unset flags stay None. Each help text
+    names its default itself ("%(default).0s" keeps argparse's ArgumentDefaultsHelpFormatter from
+    adding the flag's None)."""
     group = parser.add_argument_group("your own data (instead of --task; bidrop_ds/data/custom.py)")
-    group.add_argument("--train_file", metavar="FILE", help=f"train rows: {', '.join(FORMATS)}")
-    group.add_argument("--validation_file", metavar="FILE",
-                       help="held-out rows, the headline set (default: --validation_split of the train file)")
-    group.add_argument("--test_file", metavar="FILE", help="more held-out rows, reported after validation")
-    group.add_argument("--dataset_name", metavar="NAME",
-                       help="a datasets data set: a hub id (offline: from the cache) or a local folder")
-    group.add_argument("--dataset_config", metavar="NAME", help="its configuration (subset) name")
+    group.add_argument("--train_file", metavar="FILE", help=f"train rows: {', '.join(FORMATS)}%(default).0s")
+    group.add_argument("--validation_file", metavar="FILE", help="held-out rows, the headline set (default: "
+                       "--validation_split of the train file)%(default).0s")
+    group.add_argument("--test_file", metavar="FILE", help="more held-out rows, reported after validation%(default).0s")
+    group.add_argument("--dataset_name", metavar="NAME", help="a datasets data set: a hub id (offline: from the "
+                       "cache) or a local folder%(default).0s")
+    group.add_argument("--dataset_config", metavar="NAME", help="its configuration (subset) name%(default).0s")
     group.add_argument("--text_column", nargs="+", metavar="COLUMN",
                        help="one text column, or two for sentence pairs (default: text, sentence, or "
-                            "sentence1 sentence2, whichever the train rows have)")
+                            "sentence1 sentence2, whichever the train rows have)%(default).0s")
     group.add_argument("--label_column", metavar="COLUMN", help="the label column (default: label); "
-                       "floats mean regression, class names or integers classification")
+                       "floats mean regression, class names or integers classification%(default).0s")
     group.add_argument("--validation_split", type=float, metavar="FRACTION",
                        help=f"without a validation file or split: this fraction of the train rows, drawn with "
-                            f"seed {VALIDATION_SEED}, is held out as validation (default: {DataSource.validation_split})")
+                            f"seed {VALIDATION_SEED}, is held out as validation "
+                            f"(default: {DataSource.validation_split})%(default).0s")
 
 
 def load_custom(source: DataSource, bad_rows: str = "error") -> Task:

@@ -25,15 +25,21 @@ def write_reviews(path: Path, count: int) -> Path:
 
 
 def test_own_csv_with_a_dev_split_reports_the_best_dev_and_the_last_epoch(finetune: ModuleType, tiny_model: Path,
-                                                                           tmp_path: Path) -> None:
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     train, test = write_reviews(tmp_path / "reviews.csv", 100), write_reviews(tmp_path / "more.csv", 12)
     out = tmp_path / "summary.json"
+    built = []  # the model finetune.py trains, to read its config
+    build_model = finetune.build_model
+    monkeypatch.setattr(finetune, "build_model", lambda *args, **kwargs: built.append(build_model(*args, **kwargs))
+                        or built[-1])
     summary = finetune.main(["--model", str(tiny_model), "--train_file", str(train), "--test_file", str(test),
                              "--text_column", "review", "--label_column", "stars", "--train_size", "0",
                              "--dev_size", "16", "--epochs", "3", "--batch_size", "16", "--max_length", "32",
                              "--lr", "1e-3", "--seed", "0", "--output_json", str(out)])
     written = json.loads(out.read_text())
     assert written["id2label"] == {"0": "bad", "1": "good", "2": "ok"} and written["label2id"]["ok"] == 2
+    assert built[0].config.id2label == {0: "bad", 1: "good", 2: "ok"} and built[0].config.label2id["good"] == 1
     assert (summary["task"], summary["headline_metric"]) == ("reviews", "accuracy")
     # 100 rows: 10 validation (the seeded 10%), 16 dev, 74 trained on; the test file is the second held-out set
     assert (summary["train_size"], summary["dev_size"], summary["eval_sets"]) == (74, 16, {"validation": 10, "test": 12})

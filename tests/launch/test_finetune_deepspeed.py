@@ -64,9 +64,14 @@ def check_summary(summary: dict, stage: int, dtype: str, p: float) -> None:
 
 
 def test_zero2_fp32_trains_on_two_ranks(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    """Also with a dev split (--dev_size, odd like EVAL_SIZE): its per-epoch evaluation runs on both ranks
+    and its row, gathered to rank 0, holds every dev and held-out example once."""
     summary = run_ok(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / "zero2_fp32.json"),
-                     *small_run(tiny_model, "--chunks", "2", "--eval_size", EVAL_SIZE))
+                     *small_run(tiny_model, "--chunks", "2", "--eval_size", EVAL_SIZE, "--dev_size", "9"))
     check_summary(summary, stage=2, dtype="fp32", p=0.3)
+    (row,) = summary["epoch_history"]
+    assert (row["epoch"], row["dev_eval_examples"], row["eval_examples"], summary["best_dev_epoch"]) == (1, 9, 33, 1)
+    assert (summary["accuracy"], summary["eval_loss"]) == (row["accuracy"], row["eval_loss"])
 
 
 def test_zero3_fp32_held_out_metrics_equal_one_process(finetune: ModuleType, tiny_model: Path, vader_cache: Path,
