@@ -42,6 +42,13 @@ def test_a_decoder_classifier_gets_a_pad_token(tmp_path: Path) -> None:
     assert (config.num_labels, config.pad_token_id, config.attention_dropout) == (2, 2, 0.1)
 
 
+def test_the_decoder_layers_are_eligible_by_default() -> None:
+    eligible = [name for name, _ in tiny_llama().named_parameters() if BiDropConfig().is_eligible(name)]
+    others = [name for name, _ in tiny_llama().named_parameters() if not BiDropConfig().is_eligible(name)]
+    assert eligible and all(name.startswith("model.layers.") for name in eligible)
+    assert others == ["model.embed_tokens.weight", "model.norm.weight", "score.weight"]
+
+
 def test_sft_labels_and_loss() -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 2, 2]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -74,13 +81,15 @@ def _decoder_scenarios(rank: int, world_size: int, folder: str) -> dict:
     out: dict = {"rows": []}
 
     def train(model, causal_lm: bool) -> torch.Tensor:
-        engine = make_engine(3, "bf16", chunks, model=model)
+        engine = make_engine(3, "bf16", chunks, model=model.train())  # from_pretrained gives eval mode
         bidrop = BiDrop(engine, config=config)
         for step in range(2):
             batch = decoder_batch(100 * rank + step, MICRO * chunks, causal_lm)
-            row, _ = check_step_against_oracle(bidrop, split_chunks(batch, chunks), config, loss_fn=causal_lm_loss if causal_lm else None)
+            row, passes = check_step_against_oracle(bidrop, split_chunks(batch, chunks), config,
+                                                    loss_fn=causal_lm_loss if causal_lm else None)
+            row["passes_differ"] = not torch.equal(passes[0], passes[1])  # attention dropout is on
             out["rows"].append({"causal_lm": causal_lm, "step": step, **row})
-        master = bidrop.backend.partition.master().clone()
+        master = bidrop.backend.master_snapshot().clone()
         engine.destroy()
         return master
 
@@ -113,3 +122,4 @@ def test_llama_under_zero3_bf16_matches_oracle(tmp_path: Path) -> None:
             (False, 0), (False, 1), (False, 0), (False, 1), (True, 0), (True, 1)]
         for row in out["rows"]:
             assert_matches_oracle(row, bound=1e-5)
+            assert row["passes_differ"], row

@@ -68,11 +68,12 @@ def _gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
-                              config: BiDropConfig) -> tuple[dict, list[torch.Tensor]]:
-    """Run one step, recording each pass's gradient where the partition holds it (all fragments,
-    laid one after another), and compare the fp32 master update with LR x the oracle's update over
-    all ranks' eligible elements (ineligible ones: LR x the plain mean).
+def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict], config: BiDropConfig,
+                              loss_fn=None) -> tuple[dict, list[torch.Tensor]]:
+    """Run one step (`loss_fn`: default the model's own loss), recording each pass's gradient where
+    the partition holds it (all fragments, laid one after another), and compare the fp32 master
+    update with LR x the oracle's update over all ranks' eligible elements (ineligible ones: LR x
+    the plain mean).
 
     Ineligible elements are not zeroed between passes where the partition accumulates, so there a
     read holds the sum of the passes so far and a pass is the difference of two reads.
@@ -104,7 +105,7 @@ def check_step_against_oracle(bidrop: BiDrop, chunks: list[dict],
 
     stats.update, stats.hold_last = recording(stats.update), recording(stats.hold_last)
     before = masters()
-    result = bidrop.step(chunks)
+    result = bidrop.step(chunks, loss_fn=loss_fn)
     del stats.update, stats.hold_last
     after = masters()
     eligible = torch.cat([torch.full((partition.fragments[i].numel,), partition.fragments[i].eligible)

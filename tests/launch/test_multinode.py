@@ -21,7 +21,7 @@ pytest.importorskip("deepspeed")
 
 TIMEOUT = 240
 COMPARED = ("eval_loss", "accuracy", "train_loss_last_epoch", "mean_kept_fraction", "steps", "ranks",
-            "built_elements_per_rank", "owned_elements_per_rank")
+            "built_elements_per_rank", "eligible_owned_elements_per_rank")
 
 
 def _free_port() -> int:
@@ -46,8 +46,13 @@ def two_node_run(args: list[str]) -> list[subprocess.CompletedProcess]:
             stdout, stderr = agent.communicate(timeout=TIMEOUT)
             done.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
     except subprocess.TimeoutExpired:
+        for agent in agents:  # SIGTERM first: an agent then stops its rank, which runs in a session of its own
+            os.killpg(agent.pid, signal.SIGTERM)
         for agent in agents:
-            os.killpg(agent.pid, signal.SIGKILL)
+            try:
+                agent.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(agent.pid, signal.SIGKILL)
         pytest.fail(f"the 2-node run did not finish in {TIMEOUT} s")
     return done
 
@@ -60,7 +65,8 @@ def test_two_nodes_end_equal_to_one_node(tiny_llama_model: Path, vader_cache: Pa
     one_node = run_ok(tmp_path, *args, "--save_dir", str(tmp_path / "one"))
     nodes = two_node_run([*args, "--save_dir", str(tmp_path / "two"), "--output_json", str(tmp_path / "two.json")])
     for node, done in enumerate(nodes):
-        assert done.returncode == 0, f"node {node}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        assert done.returncode == 0, (f"node {node}: exit {done.returncode}\n{done.stdout[-3000:]}\n"
+                                      f"{done.stderr[-6000:]}")
         assert "terminate called" not in done.stderr
     assert "done: vader-movie" in nodes[0].stdout and "done: vader-movie" not in nodes[1].stdout
     two_nodes = json.loads((tmp_path / "two.json").read_text())
