@@ -71,7 +71,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, timeout_s: floa
         failures.append(f"timed out after {timeout_s} s waiting for ranks {sorted(set(range(world_size)) - set(outputs))}")
     finally:
         for proc in procs:
-            proc.join(timeout=30 if not failures else 5)
+            proc.join(timeout=90 if not failures else 5)
             if proc.is_alive():
                 proc.terminate()
                 proc.join()

@@ -33,11 +33,11 @@ class RecordingEngine:
 
 
 class FixedPartition:
-    def __init__(self, segments: list[torch.Tensor]) -> None:
-        self._segments = segments
+    def __init__(self, views: list[torch.Tensor]) -> None:
+        self._views = views
 
-    def segments(self) -> list[torch.Tensor]:
-        return self._segments
+    def views(self) -> list[torch.Tensor]:
+        return self._views
 
 
 def backend_with(engine: RecordingEngine, segments: list[torch.Tensor]) -> DeepSpeedBackend:
