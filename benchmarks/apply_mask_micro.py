@@ -149,8 +149,10 @@ def mark(scores: torch.Tensor, ranges: list[tuple[int, int]], value: float) -> N
 
 
 def run_once(impl: str, mean, m2, abs_theta, ineligible, n, sync) -> tuple[dict, Threshold, torch.Tensor]:
-    stats = PassStatistics(0, device=mean.device)
-    stats.mean, stats.m2, stats.count = mean.clone(), m2.clone(), 2
+    stats = PassStatistics(mean.numel(), device=mean.device)
+    stats.mean.copy_(mean)
+    stats.m2.copy_(m2)
+    stats.count = 2
     comm = LocalCommunicator()
     times = {}
     sync()

@@ -73,6 +73,7 @@ def bidrop_run(args: argparse.Namespace,
                 with bidrop.pass_rng(j), bidrop.micro_step(True, j == config.k - 1):
                     model(**batch).loss.backward()
                 bidrop.fold_pass()
+            bidrop.stats.fold_last()  # the mean and M2 of all k passes (the last is otherwise held in place)
             step_scores = scores_of(bidrop, config)  # before apply_mask consumes the statistics
             fisher_sum.addcmul_(bidrop.stats.mean, bidrop.stats.mean)  # the batch gradient, before masking
             result = bidrop.apply_mask()
