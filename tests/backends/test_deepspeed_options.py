@@ -36,15 +36,14 @@ def _weights_follow_masters(bidrop: BiDrop) -> bool:
     """The model's weights (a ZeRO-3 rank's parameter partition) equal the fp32 masters rounded to
     their dtype, fragment by fragment."""
     backend = bidrop.backend
-    master = backend.partition.master()
     params = dict(backend.engine.module.named_parameters())
-    for frag in backend.partition.fragments:
+    for frag, master in zip(backend.partition.fragments, backend.partition.master_views()):
         param = params[frag.name]
         if backend.stage == 3:
             held = param.ds_tensor.reshape(-1)[:frag.numel]
         else:
             held = param.detach().reshape(-1)[frag.start:frag.start + frag.numel]
-        if not torch.equal(held, master[frag.offset:frag.offset + frag.numel].to(held.dtype)):
+        if not torch.equal(held, master.to(held.dtype)):
             return False
     return True
 
