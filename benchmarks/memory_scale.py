@@ -40,6 +40,9 @@ SETUPS = {  # name -> zero_optimization section
 MODELS = {"7B": (6.74e9, 0.96), "13B": (13.0e9, 0.97), "70B": (69.0e9, 0.98)}  # params, eligible fraction
 GPUS = (8, 64)
 MICRO, LENGTH = 2, 32
+# ZeRO-2 builds its fp32 gradient partition at the step's last backward and frees it in the step,
+# so the reading after the steps finds none: the projection then counts 4 bytes (fp32 accumulation).
+FP32_GRAD = 4.0
 
 
 def ds_config(setup: str, world: int) -> dict:
@@ -149,7 +152,8 @@ def projection(measured: dict[str, dict[str, float]]) -> list[str]:
                 stage3 = setup.startswith("zero3")
                 offload = "offload" in setup
                 param = b["param"] / (gpus if stage3 else 1) * (0 if offload else 1)
-                device_state = 0.0 if offload else (b["grad"] + b["master"] + b["optimizer"]) / gpus
+                grad = b["grad"] or FP32_GRAD  # ZeRO-2's partition is freed by the step (see per_element)
+                device_state = 0.0 if offload else (grad + b["master"] + b["optimizer"]) / gpus
                 vanilla = params * (param + device_state)
                 extra = 0.0 if offload else params * eligible_fraction * b["bidrop_per_eligible"] / gpus
                 lines.append(f"| {name} | {gpus} | {setup} | {vanilla / 2**30:.1f} | {(vanilla + extra) / 2**30:.1f} "
@@ -172,15 +176,21 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job")
     parser.add_argument("--output_json", default=str(ROOT / "benchmarks" / "results" / "memory_scale.json"))
+    parser.add_argument("--jobs_dir", default=None,
+                        help="keep each job's JSON here; jobs already there are not rerun")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     results, measured = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        jobs = Path(args.jobs_dir or tmp)
+        jobs.mkdir(parents=True, exist_ok=True)
         for setup in args.setups:
             for mode in ("vanilla", "bidrop"):
-                results[f"{setup}/{mode}"] = run_job(args, setup, mode, Path(tmp) / f"{setup}-{mode}.json")
+                path = jobs / f"{setup}-{mode}.json"
+                results[f"{setup}/{mode}"] = (json.loads(path.read_text()) if path.exists()
+                                              else run_job(args, setup, mode, path))
     print("\nBytes per model element (params: per element a rank holds; the others: summed over the ranks)")
     print("\n| setup | mode | peak RSS per rank MiB | params | fp32 master | grads | Adam | Bi-Drop B/eligible "
           "| stats on |\n|---|---|---|---|---|---|---|---|---|")
