@@ -378,6 +378,7 @@ def test_two_ranks(mode: str, tmp_path: Path) -> None:
         assert result["backend"] == "Fsdp2Backend"
     else:
         assert (result["stage"], result["engine_global_steps"]) == (int(mode[-1]), 3)  # one engine.step() per window
+    assert result["built_partitioned"] == (mode == "zero3")  # from_pretrained inside zero.Init, same first step
 
 
 def rank_main(argv: list[str]) -> None:
@@ -458,8 +459,15 @@ def rank_main(argv: list[str]) -> None:
 
     first = FirstStep()
     model = tiny_bert(0)
+    if stage == 3:  # saved here, loaded after TrainingArguments(deepspeed=...): then built inside zero.Init
+        folder = Path(opts.workdir) / "tiny-bert"
+        model.save_pretrained(folder)  # writes on the main process only
+        dist.barrier()
     args = training_args(Path(opts.workdir) / "out", max_steps=3, lr_scheduler_type="linear", optim="adamw_torch",
                          **extra)
+    if stage == 3:
+        model = type(model).from_pretrained(folder)
+    built_partitioned = all(p.numel() == 0 and hasattr(p, "ds_numel") for p in model.parameters())
     trainer = Counting(model=model, args=args, train_dataset=Rows(n=48), callbacks=[first], bidrop_config=config)
     trainer.model_accepts_loss_kwargs = False  # see the module docstring
     trainer.train()
@@ -468,7 +476,7 @@ def rank_main(argv: list[str]) -> None:
               "bidrop_steps": trainer.bidrop.step_index, "skipped": trainer.bidrop.skipped_steps,
               "losses": [log["loss"] for log in logs], "kept": [log["bidrop_kept_fraction"] for log in logs],
               "final_lr": trainer.lr_scheduler.get_last_lr()[0], "first_step_loss": logs[0]["loss"],
-              "backend": type(trainer.bidrop.backend).__name__}
+              "backend": type(trainer.bidrop.backend).__name__, "built_partitioned": built_partitioned}
     chunks, trainer_calls = trainer.seen[:2], trainer.calls
     if deepspeed_mode:
         engine = trainer.model_wrapped
