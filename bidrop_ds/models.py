@@ -135,15 +135,21 @@ def held_elements(model: nn.Module) -> tuple[int, int]:
     return held, total
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(model: nn.Module, lr: float, weight_decay: float, host_offload: bool = False) -> torch.optim.Optimizer:
     """AdamW with the usual exemption of biases and norm weights (1-D parameters) from weight decay.
-    A ZeRO-3 parameter is judged by its full shape (`ds_shape`): its local tensor is an empty 1-D one."""
+    A ZeRO-3 parameter is judged by its full shape (`ds_shape`): its local tensor is an empty 1-D one.
+    `host_offload`: DeepSpeed's CPU AdamW (DeepSpeedCPUAdam, JIT-compiled on first use), which
+    ZeRO-Offload steps on the host partition."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if len(getattr(param, "ds_shape", param.shape)) < 2 else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if host_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 # ----- causal-LM fine-tuning (SFT) ----------------------------------------------------------------

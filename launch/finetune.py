@@ -575,6 +575,7 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
             loader.sampler.set_epoch(epoch)
         for batch in islice(loader, state.batches_done, None):  # the skipped batches still draw the same order
             batch = to_device(batch, device)
+            bidrop.count_layers = bool(log_every) and bidrop.step_index % log_every == 0
             result = bidrop.step(split_batch(batch, chunks) if chunks > 1 else batch)
             if scheduler is not None:
                 scheduler.step()
@@ -757,7 +758,9 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
     dev_loader = eval_loaders.pop(DEV, None)
     eval_size = len(next(iter(eval_splits.values())))  # the headline set's
 
-    optimizer = adamw(model, args.lr, args.weight_decay)
+    offloaded = ds_config is not None and ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get(
+        "device", "none") == "cpu"
+    optimizer = adamw(model, args.lr, args.weight_decay, host_offload=offloaded)
     steps = args.epochs * len(train_loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * steps), steps)
     engine = device = None
@@ -824,7 +827,7 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         train_stats.update(best_dev_epoch=best["epoch"], at_best_dev_epoch=held_out_metrics(best))
     else:
         eval_stats = evaluate(model, eval_loaders, spec, device, progress=main_rank)
-    plugin = _gather_to_all((bidrop.stats.mean.nbytes + bidrop.stats.m2.nbytes, bidrop.backend.numel))
+    plugin = _gather_to_all((bidrop.memory_bytes(), bidrop.backend.numel))
     summary = {
         "task": args.task, "model": model_path, "train_size": len(train_split), "eval_size": eval_size,
         "eval_sets": {name: len(split) for name, split in eval_splits.items()}, "bad_rows": args.bad_rows,
@@ -837,7 +840,8 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         "train_seed": args.train_seed, "bidrop": config.to_dict(), "steps": steps,
         "lr_scheduler_steps": scheduler.last_epoch, "final_lr": scheduler.get_last_lr()[0], "ranks": world,
         "plugin_bytes_per_rank": [nbytes for nbytes, _ in plugin],
-        "owned_elements_per_rank": [numel for _, numel in plugin],
+        "eligible_owned_elements_per_rank": [numel for _, numel in plugin],
+        "optimizer": type(optimizer).__name__, "statistics_device": str(bidrop.stats.device),
         "model_dropout": args.model_dropout, "model_elements": built[0][1],
         "built_elements_per_rank": [held for held, _ in built],
     }
@@ -856,7 +860,7 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         print(f"deepspeed: ranks={world} zero_stage={summary['zero_stage']} dtype={summary['dtype']} "
               f"micro_batch={summary['micro_batch']} x chunks={args.chunks} x ranks={world} = batch {args.batch_size}; "
               f"plugin bytes per rank {summary['plugin_bytes_per_rank']} "
-              f"(8 x owned elements {[8 * n for n in summary['owned_elements_per_rank']]})")
+              f"for {summary['eligible_owned_elements_per_rank']} eligible elements owned")
     for position, name in enumerate(eval_splits):
         prefix = f"{name}_" if position else ""
         print(f"held-out {name} ({eval_stats[prefix + 'eval_examples']} examples): "

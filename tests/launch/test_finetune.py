@@ -28,7 +28,8 @@ def test_vader_demo_runs_bidrop_and_writes_json(finetune: ModuleType, tiny_model
     assert summary["accuracy"] in {i / 32 for i in range(33)}
     assert (summary["ranks"], summary["eval_examples"], summary["steps"]) == (1, 32, 4)
     assert summary["lr_scheduler_steps"] == 4 and summary["final_lr"] == 0.0  # the loop steps the schedule
-    assert summary["plugin_bytes_per_rank"] == [8 * n for n in summary["owned_elements_per_rank"]]
+    # k = 2, fp32: the first pass of the eligible elements only (the flat .grad buffer is the gradient)
+    assert summary["plugin_bytes_per_rank"] == [4 * n for n in summary["eligible_owned_elements_per_rank"]]
 
 
 def test_same_seeds_give_the_same_run(finetune: ModuleType, tiny_model: Path, vader_cache: Path) -> None:

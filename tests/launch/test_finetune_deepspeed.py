@@ -37,10 +37,10 @@ def launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return run_in_session(command, env, timeout, "the 2-rank run")
 
 
-def run_ok(tmp_path: Path, *args: str) -> dict:
+def run_ok(tmp_path: Path, *args: str, timeout: float = 180) -> dict:
     """Launch, require a clean exit of both ranks, return the summary rank 0 wrote."""
     out = tmp_path / "summary.json"
-    done = launch(*args, "--output_json", str(out))
+    done = launch(*args, "--output_json", str(out), timeout=timeout)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert "terminate called" not in done.stderr
     summary = json.loads(out.read_text())
@@ -58,9 +58,10 @@ def check_summary(summary: dict, stage: int, dtype: str, p: float) -> None:
     assert summary["final_lr"] == 0.0
     assert math.isfinite(summary["train_loss_last_epoch"]) and math.isfinite(summary["eval_loss"])
     assert summary["mean_kept_fraction"] == pytest.approx(p, abs=0.01)
-    owned = summary["owned_elements_per_rank"]
+    owned = summary["eligible_owned_elements_per_rank"]
     assert len(owned) == 2 and all(n > 0 for n in owned)
-    assert summary["plugin_bytes_per_rank"] == [8 * n for n in owned]
+    # k = 2 with fp32 gradients (fp32, or bf16 accumulated in fp32): pass 1 of the eligible elements
+    assert summary["plugin_bytes_per_rank"] == [4 * n for n in owned]
 
 
 def test_zero2_fp32_trains_on_two_ranks(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
@@ -108,6 +109,16 @@ def test_zero3_bf16_reads_the_bidrop_section(tiny_model: Path, vader_cache: Path
                                                                     EVAL_SIZE, "--p", "0.5"))
     check_summary(summary, stage=3, dtype="bf16", p=0.5)
     assert (summary["bidrop"]["k"], summary["bidrop"]["seed"]) == (2, 7)
+
+
+def test_zero2_offload_steps_deepspeed_cpu_adam(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    """ZeRO-2 with offload_optimizer (ds_configs/zero2_offload.json, bf16): DeepSpeedCPUAdam steps the
+    host partition (JIT-compiled on first use, cached in TORCH_EXTENSIONS_DIR: up to minutes), and
+    the statistics live in host memory beside it, 4 bytes per eligible element owned."""
+    summary = run_ok(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / "zero2_offload.json"),
+                     *small_run(tiny_model, "--chunks", "2", "--eval_size", EVAL_SIZE), timeout=900)
+    check_summary(summary, stage=2, dtype="bf16", p=0.3)
+    assert (summary["optimizer"], summary["statistics_device"]) == ("DeepSpeedCPUAdam", "cpu")
 
 
 def test_uneven_batch_fails_fast_with_the_fix(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
