@@ -163,8 +163,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("train_size", "eval_size", "dev_size", "log_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0 (0 means all / none / never), got {getattr(args, name)}")
-    if not 0 < args.lr < math.inf:
-        parser.error(f"--lr must be a learning rate > 0, got {args.lr}")
+    if not 0 <= args.lr < math.inf:  # 0 is allowed: a run that must not move the weights (evaluation checks)
+        parser.error(f"--lr must be a learning rate >= 0, got {args.lr}")
     if not 0 <= args.weight_decay < math.inf:
         parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.warmup_ratio <= 1:

@@ -64,7 +64,7 @@ def test_own_csv_with_a_dev_split_reports_the_best_dev_and_the_last_epoch(finetu
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nosuch"], "unknown --task 'nosuch': expected one of glue-cola"),
     (["--model", "/missing/path"], "--model /missing/path: no such folder"),
-    (["--lr", "-1"], "--lr must be a learning rate > 0, got -1.0"),
+    (["--lr", "-1"], "--lr must be a learning rate >= 0, got -1.0"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--batch_size", "-2"], "--batch_size must be >= 1, got -2"),
     (["--dev_size", "-1"], "--dev_size must be >= 0"),
