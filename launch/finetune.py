@@ -17,8 +17,9 @@ Your own data instead of --task (`bidrop_ds.data.custom`: formats, label kinds, 
         --text_column sentence1 sentence2    # a hub data set, offline from the datasets cache
 
 `--dev_size N` carves N dev examples off the train split (seeded, the same for every --train_seed),
-evaluates dev and the held-out sets after every epoch and reports, besides the last epoch's
-held-out metrics, those of the epoch with the best dev score (`epoch_history`, `best_dev_epoch`,
+evaluates dev after every epoch and the held-out sets after the last epoch and after each epoch that
+sets a new best dev score (the only ones reported), and reports, besides the last epoch's held-out
+metrics, those of the epoch with the best dev score (`epoch_history`, `best_dev_epoch`,
 `at_best_dev_epoch` in --output_json). Default 0: no dev split, one evaluation at the end.
 
 A mistake in the arguments or the data stops the run with one line, `finetune.py: error: ...`
@@ -548,15 +549,16 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
           epochs: int, chunks: int, device: torch.device | None = None, progress: bool = True,
           log_every: int = 0, resume_from: LoopState | None = None,
           save: Callable[[LoopState], None] | None = None, save_every: int = 0,
-          end_of_epoch: Callable[[int, float], dict[str, float]] | None = None) -> dict[str, Any]:
+          end_of_epoch: Callable[[int, float, list[dict[str, float]]], dict[str, float]] | None = None
+          ) -> dict[str, Any]:
     """The training loop: one Bi-Drop step per batch. Returns the last-epoch mean loss (over all
     ranks), the mean kept fraction, the number of skipped (non-finite) steps and, every `log_every`
     steps (0: never), the kept fraction per layer. `scheduler` is stepped after every batch; pass
     None when the DeepSpeed engine steps it itself. `resume_from`: a checkpoint's state, whose
     epoch is replayed in its order up to the batches already done. `save(state)` is called every
     `save_every` steps (0: never) and after the last one. `end_of_epoch(epoch, mean loss over the
-    ranks)`, called on every rank after each epoch (once: not again for an epoch a resumed checkpoint
-    has already recorded), returns that epoch's row of `epoch_history` (dev and held-out metrics)."""
+    ranks, the rows so far)`, called on every rank after each epoch (once: not again for an epoch a
+    resumed checkpoint has already recorded), returns that epoch's row of `epoch_history`."""
     bidrop.model.train()
     state = resume_from or LoopState()
     per_epoch = len(loader)
@@ -592,7 +594,7 @@ def train(bidrop: BiDrop, scheduler: torch.optim.lr_scheduler.LRScheduler | None
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4f}", kept=f"{result.kept_fraction:.3f}")
         if end_of_epoch is not None and len(state.history) == epoch:
-            state.history.append(end_of_epoch(epoch, _mean_over_ranks(state.losses, device)))
+            state.history.append(end_of_epoch(epoch, _mean_over_ranks(state.losses, device), state.history))
             bidrop.model.train()  # evaluation left it in eval mode
     bar.close()
     if save is not None and saved_at != state.steps_done(per_epoch):
@@ -805,15 +807,22 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
 
     headline = spec.metrics[0]
 
-    def end_of_epoch(epoch: int, train_loss: float) -> dict[str, float]:
-        """The --dev_size row of `epoch_history`: dev and held-out metrics after `epoch` (rank 0's, on every rank)."""
+    def end_of_epoch(epoch: int, train_loss: float, history: list[dict[str, float]]) -> dict[str, float]:
+        """The --dev_size row of `epoch_history` after `epoch` (rank 0's, on every rank): the dev metrics,
+        and the held-out ones only where they can be reported (a new best dev score, or the last epoch)."""
         dev = evaluate(model, {DEV: dev_loader}, spec, device, progress=False)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **{f"{DEV}_{key}": value for key, value in dev.items()},
-               **evaluate(model, eval_loaders, spec, device, progress=False)}
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **{f"{DEV}_{key}": value for key, value in dev.items()}}
+        row = _gather_to_all(row)[0]  # every rank decides alike whether the held-out sets run
+        score = row[f"{DEV}_{headline}"]
+        new_best = not math.isnan(score) and all(
+            math.isnan(seen[f"{DEV}_{headline}"]) or score > seen[f"{DEV}_{headline}"] for seen in history)
+        if new_best or epoch + 1 == args.epochs:
+            row.update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
         if main_rank:
-            print(f"epoch {epoch + 1}/{args.epochs}: train_loss={train_loss:.4f} dev {headline}="
-                  f"{row[f'{DEV}_{headline}']:.4f} held-out {headline}={row[headline]:.4f}", flush=True)
-        return _gather_to_all(row)[0]
+            held = f" held-out {headline}={row[headline]:.4f}" if headline in row else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: train_loss={train_loss:.4f} dev {headline}={score:.4f}{held}",
+                  flush=True)
+        return row
 
     train_stats = train(bidrop, None if distributed else scheduler, train_loader, args.epochs, args.chunks,
                         device, progress=main_rank, log_every=args.log_every, resume_from=resume_from,

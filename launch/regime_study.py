@@ -52,6 +52,9 @@ TASKS: dict[str, dict[str, str]] = {
 }
 SENSITIVITY_TASK = "vader-movie-lowres-1000"
 BIDROP_KS = (2, 4)
+STUDIED = ("vanilla", "bidrop", "childtuning-d", "dps")  # the strategies table's strategies
+# every run's batch (the issue's budget: MiniLM, max length 64 - finetune.py's default -, batch 16)
+COMMON = {"batch_size": "16"}
 # the t quantile t_{0.975, df} for the 95% interval (df >= 31: the normal 1.96, at most 2% narrower)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -70,28 +73,31 @@ class Arm:
         return " ".join([self.strategy, *(f"{key}={value}" for key, value in self.settings)])
 
 
-def arms(table: str, epochs: int) -> list[Arm]:
-    """The arms of a table; the first is the vanilla baseline at `epochs` epochs."""
+def arms(table: str, epochs: int, ks: Sequence[int] = BIDROP_KS,
+         strategies: Sequence[str] = STUDIED) -> list[Arm]:
+    """The arms of a table; the first is the vanilla baseline at `epochs` epochs. The strategies table
+    runs Bi-Drop at each of `ks` (and vanilla at k x `epochs`, its equal compute) and the other
+    `strategies` once each."""
     if table == "sensitivity":
         return [Arm("vanilla"), *(Arm("bidrop", (("k", "2"), ("p", p), ("rescale", rescale)))
                                   for p in ("0.1", "0.3", "0.5", "0.7") for rescale in ("off", "on"))]
-    return [Arm("vanilla"), *(Arm("vanilla", (("epochs", str(k * epochs)),)) for k in BIDROP_KS),
-            *(Arm("bidrop", (("k", str(k)),)) for k in BIDROP_KS), Arm("childtuning-d"), Arm("dps")]
-
+    listed = [Arm("vanilla"), *(Arm("vanilla", (("epochs", str(k * epochs)),)) for k in ks),
+              *(Arm("bidrop", (("k", str(k)),)) for k in ks), Arm("childtuning-d"), Arm("dps")]
+    return [arm for arm in listed if arm == Arm("vanilla") or arm.strategy in strategies]
 
 def plan(tasks: Sequence[str], arm_list: Sequence[Arm], lrs: Sequence[str], seeds: Sequence[int],
          epochs: int) -> dict[run_suite.Run, tuple[str, Arm, str]]:
-    """{run: (task, arm, lr)} for every task x arm x lr x seed; an arm's own epochs override `epochs`."""
+    """{run: (task, arm, lr)} for every seed x task x arm x lr, seed by seed (an interrupted study has
+    whole seeds of every arm to pair); an arm's own epochs override `epochs`."""
     runs = {}
-    for task in tasks:
-        for arm in arm_list:
-            settings = {"epochs": str(epochs), **TASKS[task], **dict(arm.settings)}
-            for lr in lrs:
-                variant = tuple(sorted({**settings, "lr": lr}.items()))
-                for seed in seeds:
+    for seed in seeds:
+        for task in tasks:
+            for arm in arm_list:
+                settings = {"epochs": str(epochs), **COMMON, **TASKS[task], **dict(arm.settings)}
+                for lr in lrs:
+                    variant = tuple(sorted({**settings, "lr": lr}.items()))
                     runs[run_suite.Run(task, arm.strategy, variant, seed)] = (task, arm, lr)
     return runs
-
 
 def dev_score(summary: dict[str, Any]) -> float:
     """The dev headline metric at the run's best-dev epoch."""
@@ -114,16 +120,25 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]]) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
-    """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over seeds (the
-    first of --lrs on a tie); arms with no finished run are absent."""
+def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]],
+           planned: dict[run_suite.Run, tuple[str, Arm, str]]) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
+    """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over the seeds that
+    every planned lr of the arm has finished (the first of --lrs on a tie); arms with no such seed are
+    absent."""
+    finished: dict[tuple[str, Arm], set[int]] = {}
+    for task, arm, lr in set(planned.values()):
+        done = set(summaries.get((task, arm, lr), {}))
+        finished[task, arm] = finished.get((task, arm), done) & done
     best: dict[tuple[str, Arm], tuple[float, str, dict[int, dict]]] = {}
     for (task, arm, lr), by_seed in summaries.items():
-        score = statistics.fmean(dev_score(summary) for summary in by_seed.values())
+        seeds = sorted(finished[task, arm])
+        if not seeds:
+            continue
+        common = {seed: by_seed[seed] for seed in seeds}
+        score = statistics.fmean(dev_score(summary) for summary in common.values())
         if (task, arm) not in best or score > best[task, arm][0]:
-            best[task, arm] = (score, lr, by_seed)
+            best[task, arm] = (score, lr, common)
     return {key: (lr, by_seed) for key, (_, lr, by_seed) in best.items()}
-
 
 def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int) -> list[dict[str, Any]]:
     """One row per (task, non-baseline arm [, equal compute]) against vanilla: the per-seed held-out
@@ -167,7 +182,7 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
            command_line: str) -> str:
     """Write OUT/<table>_paired.csv (and OUT/paired.csv for the strategies table), OUT/<table>.md and
     the dev curves; return the markdown."""
-    picked = chosen(collect(runs, out))
+    picked = chosen(collect(runs, out), runs)
     if not picked:
         return "regime_study: no finished run to report\n"
     paired = paired_rows(picked, epochs)
@@ -239,13 +254,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--lrs", nargs="+", default=list(LRS), help="the learning rates each arm is run at")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of every arm but vanilla's equal-compute ones")
+    parser.add_argument("--strategies", nargs="+", default=list(STUDIED), choices=STUDIED, metavar="NAME",
+                        help=f"the strategies table's arms besides vanilla: any of {', '.join(STUDIED)}")
+    parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
+                        help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: the CPU cores)")
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
     tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
-    runs = plan(tasks, arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)
+    runs = plan(tasks, arms(args.table, args.epochs, args.ks, args.strategies), args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0"])
+    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0",
+                                          *(["--threads", str(args.threads)] if args.threads else [])])
     failed = [] if args.report_only else run_suite.execute(list(runs), suite_args, extra, out)
     command_line = "python launch/regime_study.py " + " ".join(a for a in argv if a != "--report_only")
     print(report(runs, out, args.table, args.epochs, command_line), flush=True)

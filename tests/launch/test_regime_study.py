@@ -42,7 +42,11 @@ def test_plan_pairs_seeds_and_gives_vanilla_k_times_the_epochs(study: ModuleType
     epochs = {arm.label: {dict(run.variant)["epochs"] for run, (_, a, _) in runs.items() if a == arm} for arm in arms}
     assert epochs["vanilla epochs=12"] == {"12"} and epochs["bidrop k=4"] == {"3"}
     bidrop = next(run for run, (_, arm, lr) in runs.items() if arm.label == "bidrop k=2" and lr == "1e-4")
-    assert dict(bidrop.variant) == {"epochs": "3", "k": "2", "lr": "1e-4", "train_size": "500", "dev_size": "100"}
+    assert dict(bidrop.variant) == {"epochs": "3", "k": "2", "lr": "1e-4", "train_size": "500", "dev_size": "100",
+                                   "batch_size": "16"}
+    assert [run.seed for run in runs][:14] == [0] * 14  # seed by seed: an interrupted study pairs whole seeds
+    assert [a.label for a in study.arms("strategies", 3, ks=[2], strategies=["vanilla", "bidrop"])] == [
+        "vanilla", "vanilla epochs=6", "bidrop k=2"]
     assert len(study.arms("sensitivity", 3)) == 1 + 4 * 2
 
 
@@ -53,15 +57,21 @@ def test_lr_is_chosen_on_dev_and_paired_differences_get_t_intervals(study: Modul
         ("vanilla", "2e-5"): [([0.60, 0.65], 0.70), ([0.62, 0.61], 0.72)],
         ("vanilla", "1e-4"): [([0.50, 0.55], 0.90), ([0.52, 0.51], 0.90)],  # better held out, worse dev: not chosen
         ("vanilla epochs=4", "2e-5"): [([0.6, 0.7, 0.6, 0.5], 0.75), ([0.6, 0.6, 0.6, 0.6], 0.70)],
+        ("vanilla epochs=4", "1e-4"): [([0.5, 0.5, 0.5, 0.5], 0.99), ([0.5, 0.5, 0.5, 0.5], 0.99)],
         ("bidrop k=2", "2e-5"): [([0.40, 0.45], 0.50), ([0.40, 0.41], 0.50)],
         ("bidrop k=2", "1e-4"): [([0.70, 0.72], 0.73), ([0.71, 0.70], 0.76)],
     }
     for run, (_, arm, lr) in runs.items():
-        if (arm.label, lr) in results:
+        if (arm.label, lr) in results and (arm.label, lr, run.seed) != ("bidrop k=2", "2e-5", 1):
             path = study.run_suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             dev, held_out = results[arm.label, lr][run.seed]
             path.write_text(json.dumps(summary(dev, held_out)), encoding="utf-8")
+    text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...")
+    assert "bidrop k=2 | 1e-4 | 73.00 ± 0.00 (n=1)" in text  # seed 1 is chosen on once every lr has it
+    path = study.run_suite.result_path(tmp_path, next(run for run, (_, arm, lr) in runs.items()
+                                                      if (arm.label, lr, run.seed) == ("bidrop k=2", "2e-5", 1)))
+    path.write_text(json.dumps(summary(*results["bidrop k=2", "2e-5"][1])), encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...")
     assert "| vader-movie-lowres-250 | vanilla | 2e-5 | 71.00 ± 1.00 (n=2) |" in text
     assert "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 74.50 ± 1.50 (n=2) |" in text
