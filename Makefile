@@ -71,8 +71,9 @@ $(COMPAT_STAMP): $(COMPAT_PY) setup.py constraints-oldest.txt
 	touch $(COMPAT_STAMP)
 
 compat: $(COMPAT_STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu \
-		TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions $(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \
+		TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions \
+		$(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q
 
 # Wheels for launch/gpu_check.sh on the device machine (CPython 3.12 with torch, no deepspeed, no
 # registry): deepspeed built here without ops (pure Python) and the needs of its Requires-Dist the

@@ -90,8 +90,21 @@ def classifier_config(path: str, num_labels: int, problem_type: str | None = Non
 def load_classifier(path: str, config: PretrainedConfig) -> PreTrainedModel:
     """`AutoModelForSequenceClassification.from_pretrained` with `config` (`classifier_config`); a
     checkpoint's head of another size is replaced by a fresh one. Inside `zero3_init` the model is
-    built partitioned (transformers' ZeRO-3 loader expects the checkpoint's shapes to match)."""
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+    built partitioned and the checkpoint's shapes must match (else ValueError): transformers' ZeRO-3
+    loader replaces no head, and 4.x's `ignore_mismatched_sizes` compares the checkpoint's shapes with
+    the partitioned (empty) ones, so it would count every weight as mismatched and load none."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    partitioned = is_deepspeed_zero3_enabled()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                  ignore_mismatched_sizes=not partitioned)
+    except RuntimeError as err:
+        if partitioned and "size mismatch" in str(err):
+            raise ValueError(f"{path}: under ZeRO-3 the checkpoint's head must have num_labels={config.num_labels} "
+                             "outputs (transformers' ZeRO-3 loader replaces no head); save the model with the "
+                             "new head once without ZeRO-3 and load that") from err
+        raise
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, PretrainedConfig
+from transformers import BertConfig, LlamaForSequenceClassification, PretrainedConfig
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.models import (IGNORE_INDEX, adamw, causal_lm_loss, classifier_config, dropout_rates, held_elements,
@@ -123,3 +123,22 @@ def test_llama_under_zero3_bf16_matches_oracle(tmp_path: Path) -> None:
         for row in out["rows"]:
             assert_matches_oracle(row, bound=1e-5)
             assert row["passes_differ"], row
+
+
+def _load_a_head_of_another_size(rank: int, world_size: int, folder: str) -> str:
+    """The 3-label checkpoint in `folder` as a 2-label classifier inside zero.Init: the ValueError's message."""
+    with zero3_init(ds_config(3, "fp32", 1, world_size)), pytest.raises(ValueError) as refused:
+        load_classifier(folder, classifier_config(folder, num_labels=2))
+    return str(refused.value)
+
+
+def test_zero3_head_of_another_size_is_refused(tmp_path: Path) -> None:
+    """transformers' ZeRO-3 loader replaces no head (and 4.x's `ignore_mismatched_sizes` would take every
+    partitioned weight for mismatched): a one-line ValueError, on 4.x and 5.x alike."""
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).save_pretrained(tmp_path)
+    (message,) = run_distributed(_load_a_head_of_another_size, world_size=1, timeout_s=120, folder=str(tmp_path))
+    assert message == (f"{tmp_path}: under ZeRO-3 the checkpoint's head must have num_labels=2 outputs "
+                       "(transformers' ZeRO-3 loader replaces no head); save the model with the new head once "
+                       "without ZeRO-3 and load that")

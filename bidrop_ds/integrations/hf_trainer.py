@@ -275,7 +275,8 @@ class BiDropTrainerMixin:
         """The BiDrop object, on the model the Trainer trains (the engine under DeepSpeed)."""
         if getattr(self, "is_fsdp_enabled", False) and not _is_fsdp2(self):
             raise NotImplementedError("BiDrop Trainer: FSDP1 (FullyShardedDataParallel) is not supported; "
-                                      "use FSDP2 (fsdp_version: 2), DeepSpeed ZeRO or DDP")
+                                      "use FSDP2 (fsdp_config version 2; transformers 4.x ignores it: "
+                                      "FSDP_VERSION=2), DeepSpeed ZeRO or DDP")
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and any(getattr(pc, f"{kind}_enabled", False) for kind in ("cp", "sp", "tp")):
             raise NotImplementedError("BiDrop Trainer: context, sequence and tensor parallelism are not supported")
