@@ -11,7 +11,9 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
 - `sensitivity`: bidrop k=2 on SENSITIVITY_TASK, p in {0.1, 0.3, 0.5, 0.7} x rescale off/on.
 - Learning rate: every arm runs at each of --lrs (default 2e-5, 5e-5, 1e-4); the arm's rate is the
   one with the highest mean over seeds of the dev score at each run's best-dev epoch. Nothing
-  held-out takes part in the choice.
+  held-out takes part in the choice. `--lr_seeds N` chooses it on the first N seeds only, whose runs
+  go first; the other seeds then run at the chosen rate alone (fewer runs: 2 of 5 seeds tuning
+  make 27 runs of the 45 of a 3-arm table).
 - Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`).
 - Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
   passes --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
@@ -120,25 +122,35 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]],
-           planned: dict[run_suite.Run, tuple[str, Arm, str]]) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
-    """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over the seeds that
-    every planned lr of the arm has finished (the first of --lrs on a tie); arms with no such seed are
-    absent."""
+def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict[run_suite.Run, tuple[str, Arm, str]],
+           tuning: Sequence[int] | None = None) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
+    """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over the tuning
+    seeds (None: every seed) that every planned lr of the arm has finished, the first of --lrs on a
+    tie; with every seed tuning, the seeds so compared, else every seed finished at that lr. Arms
+    with no such seed are absent."""
     finished: dict[tuple[str, Arm], set[int]] = {}
     for task, arm, lr in set(planned.values()):
-        done = set(summaries.get((task, arm, lr), {}))
+        done = {seed for seed in summaries.get((task, arm, lr), {}) if tuning is None or seed in tuning}
         finished[task, arm] = finished.get((task, arm), done) & done
     best: dict[tuple[str, Arm], tuple[float, str, dict[int, dict]]] = {}
     for (task, arm, lr), by_seed in summaries.items():
-        seeds = sorted(finished[task, arm])
+        seeds = sorted(finished.get((task, arm), ()))
         if not seeds:
             continue
-        common = {seed: by_seed[seed] for seed in seeds}
-        score = statistics.fmean(dev_score(summary) for summary in common.values())
+        score = statistics.fmean(dev_score(by_seed[seed]) for seed in seeds)
         if (task, arm) not in best or score > best[task, arm][0]:
-            best[task, arm] = (score, lr, common)
+            best[task, arm] = (score, lr, {seed: by_seed[seed] for seed in seeds} if tuning is None else by_seed)
     return {key: (lr, by_seed) for key, (_, lr, by_seed) in best.items()}
+
+
+def remaining_runs(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path,
+                   tuning: Sequence[int]) -> list[run_suite.Run]:
+    """The runs of the seeds outside `tuning`, each arm at the lr its tuning seeds chose (arms whose
+    tuning runs are not all finished have none yet)."""
+    tuned = {run: key for run, key in runs.items() if run.seed in tuning}
+    picked = chosen(collect(tuned, out), tuned, tuning)
+    return [run for run, (task, arm, lr) in runs.items()
+            if run.seed not in tuning and (task, arm) in picked and picked[task, arm][0] == lr]
 
 def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int) -> list[dict[str, Any]]:
     """One row per (task, non-baseline arm [, equal compute]) against vanilla: the per-seed held-out
@@ -179,10 +191,10 @@ def collect(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path) -> dict[
 
 
 def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: str, epochs: int,
-           command_line: str) -> str:
+           command_line: str, tuning: Sequence[int] | None = None) -> str:
     """Write OUT/<table>_paired.csv (and OUT/paired.csv for the strategies table), OUT/<table>.md and
-    the dev curves; return the markdown."""
-    picked = chosen(collect(runs, out), runs)
+    the dev curves; return the markdown. `tuning`: the seeds the lr is chosen on (None: all)."""
+    picked = chosen(collect(runs, out), runs, tuning)
     if not picked:
         return "regime_study: no finished run to report\n"
     paired = paired_rows(picked, epochs)
@@ -194,7 +206,8 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
             writer.writerows(paired)
     lines = [f"# Regime study: {table}", "", f"Command: `{command_line}`", "",
              "Held-out headline metric x 100 at each run's best-dev epoch (mean ± std over seeds), the learning "
-             "rate chosen on the dev split, and the paired difference to vanilla (95% t-interval, seeds won).", "",
+             "rate chosen on the dev split (" + (f"of seeds {', '.join(map(str, tuning))}" if tuning else "of every seed")
+             + "), and the paired difference to vanilla (95% t-interval, seeds won).", "",
              "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev |",
              "|---|---|---|---|---|---|"]
     for (task, arm), (lr, by_seed) in picked.items():
@@ -259,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
                         help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
     parser.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: the CPU cores)")
+    parser.add_argument("--lr_seeds", type=int, default=None, metavar="N",
+                        help="choose each arm's lr on the first N --seeds (their runs go first); the other seeds "
+                             "then run at the chosen lr only (default: every seed runs every lr)")
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
     tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
@@ -267,9 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0",
                                           *(["--threads", str(args.threads)] if args.threads else [])])
-    failed = [] if args.report_only else run_suite.execute(list(runs), suite_args, extra, out)
+    tuning = args.seeds[:args.lr_seeds] if args.lr_seeds is not None and args.lr_seeds < len(args.seeds) else None
+    failed = []
+    if not args.report_only:
+        first = [run for run in runs if tuning is None or run.seed in tuning]
+        failed = run_suite.execute(first, suite_args, extra, out)
+        if tuning is not None:
+            failed += run_suite.execute(remaining_runs(runs, out, tuning), suite_args, extra, out)
     command_line = "python launch/regime_study.py " + " ".join(a for a in argv if a != "--report_only")
-    print(report(runs, out, args.table, args.epochs, command_line), flush=True)
+    print(report(runs, out, args.table, args.epochs, command_line, tuning), flush=True)
     if failed:
         print(f"regime_study: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

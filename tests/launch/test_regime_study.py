@@ -93,3 +93,25 @@ def test_t_interval_by_hand(study: ModuleType) -> None:
     mean, low, high = study.t_interval([1.0, 2.0, 3.0])  # std 1, t(0.975, 2) = 4.303
     assert (mean, low, high) == (2.0, pytest.approx(2 - 4.303 / math.sqrt(3)), pytest.approx(2 + 4.303 / math.sqrt(3)))
     assert math.isnan(study.t_interval([1.0])[1])
+
+
+def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: ModuleType, tmp_path: Path) -> None:
+    arms = [study.Arm("vanilla"), study.Arm("bidrop", (("k", "2"),))]
+    runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5", "1e-4"], [0, 1, 2], 2)
+    assert study.remaining_runs(runs, tmp_path, [0]) == []  # nothing tuned yet: no later run is planned
+    dev = {("vanilla", "2e-5"): [0.6, 0.7], ("vanilla", "1e-4"): [0.5, 0.5],
+           ("bidrop k=2", "2e-5"): [0.5, 0.5], ("bidrop k=2", "1e-4"): [0.6, 0.8]}
+    for run, (_, arm, lr) in runs.items():
+        if run.seed == 0:
+            path = study.run_suite.result_path(tmp_path, run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary(dev[arm.label, lr], 0.7)), encoding="utf-8")
+    later = study.remaining_runs(runs, tmp_path, [0])
+    assert sorted((run.seed, run.strategy, dict(run.variant)["lr"]) for run in later) == [
+        (1, "bidrop", "1e-4"), (1, "vanilla", "2e-5"), (2, "bidrop", "1e-4"), (2, "vanilla", "2e-5")]
+    for run in later[:2]:  # seed 1 of both arms, at the chosen lr
+        path = study.run_suite.result_path(tmp_path, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary([0.1, 0.2], 0.75 if run.strategy == "bidrop" else 0.7)), encoding="utf-8")
+    text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...", tuning=[0])
+    assert "(of seeds 0)" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
