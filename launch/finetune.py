@@ -448,7 +448,7 @@ def subset(split: datasets.Dataset, size: int) -> datasets.Dataset:
 def build_model(path: str, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, dropout: float | None = None,
                 config: BiDropConfig | None = None, ds_config: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """The classifier of `path` for `spec` (`bidrop_ds.models`: a checkpoint's head of another size
-    is replaced by a fresh one; a decoder gets the tokenizer's pad token id), with every dropout
+    is replaced by a fresh one, refused under ZeRO-3; a decoder gets the tokenizer's pad token id), with every dropout
     setting at `dropout` if given (--model_dropout). Under a ZeRO-3 `ds_config` it is built inside
     deepspeed.zero.Init, partitioned over the ranks, which all call this together. Before any weight
     is read, a model whose dropout settings are all 0 stops with a one-line error if `config` runs
