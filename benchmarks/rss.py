@@ -1,4 +1,4 @@
-"""Per-process memory readings for the benchmarks (Linux /proc), and a max over ranks."""
+"""Per-process memory readings for the benchmarks (Linux /proc), and their max or list over ranks."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def rank_max(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)  # nccl reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def rank_values(value: float) -> list[float]:
+    """The value of every rank, in rank order ([value] without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_count  # noqa: E402  (benchmarks/ helper)
-from rss import rank_max, reset_peak_rss, status_kib  # noqa: E402
+from rss import rank_max, rank_values, reset_peak_rss, status_kib  # noqa: E402
 
 COUNTER = comm_count.install()  # before deepspeed.init_distributed caches the collectives
 
@@ -204,6 +204,11 @@ def main() -> None:
     if naive is not None:
         row["naive_copies_bytes_per_rank"] = naive.copies_bytes
     row["peak_rss_mib"] = rank_max(peak_kib / 1024)  # max over ranks
+    # each rank owns its own partition (under ZeRO-1/2 rank 0's may be mostly embeddings): per rank
+    row["peak_rss_mib_by_rank"] = rank_values(peak_kib / 1024)
+    if bidrop is not None:
+        row["eligible_owned_elements_by_rank"] = rank_values(bidrop.backend.numel)
+        row["plugin_bytes_by_rank"] = rank_values(bidrop.memory_bytes())
     if device == "cuda":
         row["peak_gpu_mib"] = rank_max(torch.cuda.max_memory_allocated() / 2**20)
     if args.only:

@@ -53,6 +53,11 @@ def fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def mib(values) -> str:
+    """Bytes per rank as 'a / b' MiB."""
+    return " / ".join(f"{v / MIB:.2f}" for v in values)
+
+
 def main() -> None:
     directory, command = Path(sys.argv[1]), sys.argv[2]
     z2, z3 = load(directory, "step_zero2.json"), load(directory, "step_zero3.json")
@@ -66,16 +71,27 @@ def main() -> None:
     goals["step_time_ratio <= 1.05 (ZeRO-2, CPU)"] = ratio <= 1.05
     if z2_k4:
         goals["step_time_ratio_k4 <= 1.05 (ZeRO-2, CPU)"] = z2_k4["step_time_ratio"] <= 1.05
-    plugin, bound = z2["plugin_bytes_per_rank"], z2["bound_bytes_per_rank"]
-    goals["plugin memory <= 4 x eligible owned + 1 MiB per rank (k = 2)"] = plugin <= bound + MIB
-    peak_extra = None
-    if only["vanilla"] and only["bidrop"]:
-        peak_extra = round((only["bidrop"]["peak_rss_mib"] - only["vanilla"]["peak_rss_mib"]) * MIB)
-        goals["peak RSS of Bi-Drop - vanilla <= 4 x eligible owned + 9 MiB per rank"] = peak_extra <= bound + 9 * MIB
-    # the part of it DeepSpeed's own gradient accumulation between the k passes costs (k backwards, one boundary)
-    accumulation = None
-    if only["vanilla"] and only["accumulating"]:
-        accumulation = round((only["accumulating"]["peak_rss_mib"] - only["vanilla"]["peak_rss_mib"]) * MIB)
+    # memory per rank, from the one-mode launches (rank r owns the same partition in each)
+    mem = only["bidrop"] or {}
+    eligible = mem.get("eligible_owned_elements_by_rank", [z2["eligible_owned_elements"]])
+    plugin = mem.get("plugin_bytes_by_rank", [z2["plugin_bytes_per_rank"]])
+    bound = [4 * e for e in eligible]  # k = 2
+    goals["plugin memory <= 4 x eligible owned + 1 MiB on every rank (k = 2)"] = all(
+        p <= b + MIB for p, b in zip(plugin, bound))
+
+    def over_vanilla(mode: str) -> list[int] | None:
+        """Per rank: the peak RSS of `mode`'s launch minus vanilla's, bytes."""
+        if not (only["vanilla"] and only[mode] and "peak_rss_mib_by_rank" in only[mode]):
+            return None
+        return [round((m - v) * MIB) for m, v in zip(only[mode]["peak_rss_mib_by_rank"],
+                                                     only["vanilla"]["peak_rss_mib_by_rank"])]
+
+    peak_extra = over_vanilla("bidrop")
+    # the part that is DeepSpeed's own gradient accumulation between the k passes (k backwards, one boundary)
+    accumulation = over_vanilla("accumulating")
+    if peak_extra is not None:
+        goals["peak RSS of Bi-Drop - vanilla <= 4 x eligible owned + 9 MiB on every rank"] = all(
+            x <= b + 9 * MIB for x, b in zip(peak_extra, bound))
     extra_ok = z2["extra_comm_calls_per_step"] <= 4 and z2["extra_comm_max_call_bytes"] <= 8 * 1024
     goals["extra comm <= 4 all-reduces of <= 8 KiB per step"] = extra_ok
     selection_rows = (sel1["rows"] if sel1 else []) + (sel2["rows"] if sel2 else [])
@@ -96,11 +112,12 @@ def main() -> None:
     mem_rows.append(["peak RSS of the steps (MiB)"] + [fmt(only[m] and only[m]["peak_rss_mib"], ".1f") for m in only] + [""])
     mem_rows.append(["RSS growth over the built engine (MiB)"]
                     + [fmt(only[m] and only[m]["rss_growth_mib"], ".1f") for m in only] + [""])
-    mem_rows.append(["plugin buffers (MiB)", "", "", f"{plugin / MIB:.2f}", f"{z2['naive_copies_bytes_per_rank'] / MIB:.2f} (k grad copies)",
-                     f"<= 4 x {z2['eligible_owned_elements']} B + 1 MiB = {(bound + MIB) / MIB:.2f}"])
+    mem_rows.append(["plugin buffers, rank 0 / rank 1 (MiB)", "", "", mib(plugin),
+                     f"{z2['naive_copies_bytes_per_rank'] / MIB:.2f} (k grad copies)",
+                     f"<= 4 x eligible owned ({' / '.join(map(str, eligible))}) + 1 MiB = {mib(b + MIB for b in bound)}"])
     if peak_extra is not None:
-        mem_rows.append(["peak RSS - vanilla's (MiB)", "", fmt(accumulation and accumulation / MIB, ".2f"), f"{peak_extra / MIB:.2f}",
-                         "", f"Bi-Drop <= {(bound + 9 * MIB) / MIB:.2f} (bound + 8 MiB)"])
+        mem_rows.append(["peak RSS - vanilla's, rank 0 / rank 1 (MiB)", "", mib(accumulation or []), mib(peak_extra), "",
+                         f"Bi-Drop <= {mib(b + 9 * MIB for b in bound)} (bound + 8 MiB)"])
     comm_rows = [["per step, per rank", "ZeRO", "vanilla (1 step)", "Bi-Drop", "naive", "goal"]]
     for r in (z2, z3):
         comm_rows.append(["all collectives: bytes / calls", r["stage"],
@@ -128,7 +145,7 @@ def main() -> None:
         "naive_step_time_ratio_zero3": z3 and z3.get("naive_step_time_ratio"),
         "step_time_ratio_minilm_zero2": minilm and minilm["step_time_ratio"],
         "step_time_ratio_k4": z2_k4 and z2_k4["step_time_ratio"],
-        "eligible_owned_elements_per_rank": z2["eligible_owned_elements"],
+        "eligible_owned_elements_per_rank": eligible,
         "plugin_bytes_per_rank": plugin, "bound_bytes_per_rank": bound, "peak_extra_bytes_per_rank": peak_extra,
         "accumulation_extra_bytes_per_rank": accumulation,
         "naive_copies_bytes_per_rank": z2["naive_copies_bytes_per_rank"],
