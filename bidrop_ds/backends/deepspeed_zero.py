@@ -65,9 +65,6 @@ def _check_features(engine) -> None:
         if device == "nvme":
             refusals.append(f"NVMe offload ({key}.device = nvme): it needs DeepSpeed's async I/O op (libaio), "
                             "which bidrop-ds has not verified; use \"device\": \"cpu\"")
-        if device == "cpu" and key == "offload_optimizer" and stage == 1:
-            refusals.append("optimizer offload on ZeRO stage 1 (not verified); use stage 2, which offloads the same "
-                            "optimizer state and partitions the gradients too")
         if device == "cpu" and float(getattr(offload, "ratio", 1.0)) < 1.0:
             refusals.append(f"partial optimizer offload ({key}.ratio < 1)")
     if stage == 0 and engine.fp16_enabled():
@@ -136,6 +133,12 @@ class Zero3Partition:
         gradient written (the masked mean), not of the last pass."""
         if self.offload:
             _record_norms(self.optimizer, self._param_ids, self._offloaded)
+
+    def skipped(self) -> None:
+        """A step skipped without DeepSpeed's: forget the offload window's parameters as its step
+        would (the micro-step count restarts in zero_grad)."""
+        if hasattr(self.optimizer, "_offload_boundary_param_ids"):
+            self.optimizer._offload_boundary_param_ids = set()
 
 
 class Zero12Partition:
@@ -212,6 +215,19 @@ class Zero12Partition:
         if self.offload:
             _record_norms(self.optimizer, [place[-1] for place in self._places], self._offloaded)
 
+    def skipped(self) -> None:
+        """A step skipped without DeepSpeed's: restart its micro-step count as its step would, else
+        the next step's first pass adds to the skipped ones; under offload also zero the host
+        accumulators, which keep the skipped (non-finite) passes."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        self.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        if self.offload:
+            self.optimizer._offload_accumulated_param_ids = set()
+            accumulators = [t for t in self.optimizer.accumulated_grads_in_cpu.values() if t.numel()]
+            if accumulators:
+                torch._foreach_zero_(accumulators)
+
 
 def _record_norms(optimizer, param_ids: list[int], grads: list[torch.Tensor]) -> None:
     """Under offload DeepSpeed clips with per-parameter norms it records as each gradient reaches
@@ -253,6 +269,9 @@ class Zero0Replica:
 
     def written(self) -> None:
         """Nothing: DeepSpeed's step reads p.grad as written."""
+
+    def skipped(self) -> None:
+        """Nothing: each pass is a boundary, and the next step starts with no gradient."""
 
     def views(self) -> list[torch.Tensor]:
         for param in self.params:
@@ -330,20 +349,7 @@ class DeepSpeedBackend(ShardedBackend):
         else:
             if views:
                 torch._foreach_zero_(views)
-            self._end_accumulation_window()
-
-    def _end_accumulation_window(self) -> None:
-        """What DeepSpeed's optimizer step resets, done for a step that skips it: otherwise the next
-        step's first pass would add to the skipped passes (ZeRO-1/2 count micro-steps until a step;
-        under offload the host accumulator keeps the non-finite sum)."""
-        opt = self.engine.optimizer
-        if self.stage in (1, 2):
-            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-            opt.micro_step_id = INITIAL_MICRO_STEP_ID
-        for window in ("_offload_accumulated_param_ids", "_offload_boundary_param_ids"):  # ZeRO-1/2, ZeRO-3
-            if hasattr(opt, window):
-                setattr(opt, window, set())
+            self.partition.skipped()
 
     def optimizer_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)

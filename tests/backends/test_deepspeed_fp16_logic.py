@@ -35,6 +35,10 @@ class RecordingEngine:
 class FixedPartition:
     def __init__(self, views: list[torch.Tensor]) -> None:
         self._views = views
+        self.skips = 0
+
+    def skipped(self) -> None:
+        self.skips += 1
 
     def views(self) -> list[torch.Tensor]:
         return self._views
@@ -57,8 +61,10 @@ def test_fp16_skip_takes_deepspeeds_overflow_path():
 def test_non_fp16_skip_zeroes_and_does_not_step():
     segments = [torch.randn(5)]
     engine = RecordingEngine(fp16=False)
-    backend_with(engine, segments).skip_step()
+    backend = backend_with(engine, segments)
+    backend.skip_step()
     assert torch.equal(segments[0], torch.zeros(5)) and engine.steps == []
+    assert backend.partition.skips == 1  # DeepSpeed's accumulation window ends as its step would end it
 
 
 def test_loss_scale_is_read_from_deepspeed_only_for_fp16():
