@@ -291,11 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tuning is not None:
             failed += run_suite.execute(remaining_runs(runs, out, tuning), suite_args, extra, out)
     command_line = "python launch/regime_study.py " + " ".join(a for a in argv if a != "--report_only")
-    print(report(runs, out, args.table, args.epochs, command_line, tuning), flush=True)
-    if failed:
-        print(f"regime_study: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_suite.finish("regime_study", report(runs, out, args.table, args.epochs, command_line, tuning), failed)
 
 
 if __name__ == "__main__":

@@ -366,9 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [] if args.report_only else execute(runs, args, extra, out)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
     command_line = "python launch/run_suite.py " + " ".join(given)  # the command that makes the table
-    print(write_report(runs, out, command_line), flush=True)
+    return finish("run_suite", write_report(runs, out, command_line), failed)
+
+
+def finish(script: str, report: str, failed: list[str]) -> int:
+    """Print the report; the exit code: 1 if a run failed (named on stderr), else 0."""
+    print(report, flush=True)
     if failed:
-        print(f"run_suite: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{script}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "finetune.py"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+def load_script(name: str = "finetune") -> ModuleType:
+    """launch/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)

@@ -4,25 +4,19 @@ learning rate chosen on dev, and the paired t-intervals, on summaries written as
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.launch.conftest import ROOT
+from tests.launch.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def study() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("regime_study", ROOT / "launch" / "regime_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["regime_study"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("regime_study")
 
 
 def summary(dev: list[float], held_out: float) -> dict:

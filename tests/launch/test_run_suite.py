@@ -4,25 +4,19 @@ table, CSV and plots, and resuming a suite that already has finished runs."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.launch.conftest import ROOT
+from tests.launch.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def suite() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_suite", ROOT / "launch" / "run_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_suite"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_suite")
 
 
 def test_plan_sweeps_k_only_for_bidrop_strategies(suite: ModuleType) -> None:
