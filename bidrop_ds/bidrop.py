@@ -248,6 +248,8 @@ class BiDrop:
             raise RuntimeError(f"BiDrop.fold_pass(): already {self.stats.count} passes, config.k = {self.config.k}")
         if self.stats.count == self.config.k - 1:
             self.stats.hold_last(self.backend.pass_gradient())
+        elif self.stats.count == 0 and self.config.k == 2 and getattr(self.backend, "retains", False):
+            self.stats.hold_first(self.backend.retain_pass())  # pass 1 stays where it lives
         else:
             self.stats.update(self.backend.pass_gradient())
             self.backend.end_pass()
@@ -280,6 +282,7 @@ class BiDrop:
         if not in_place:
             self.backend.write_update(self.stats.mean)
         self.backend.finish_others(self.config.k)
+        self.stats.drop_held()  # a retained pass 1's storage goes before the optimizer's step
         self._layer_counts = self._count_layers() if self.count_layers else None
         return StepResult(kept_fraction=outcome.kept / self.backend.total_numel, skipped=False,
                           threshold=outcome.threshold, step=step)
@@ -393,8 +396,9 @@ class BiDrop:
 
     def memory_bytes(self) -> int:
         """Bytes of the buffers the plugin allocated on this rank: the statistics (4 per eligible
-        element held for k = 2 with fp32 gradients, else 8) and, where the gradient partition does
-        not sum the passes itself (ZeRO-1), an fp32 sum of the ineligible elements."""
+        element held for k = 2 with fp32 gradients, else 8; none where pass 1 stays in the engine's
+        own accumulators, ZeRO-2 with fp32 ones) and, where the gradient partition does not sum the
+        passes itself (ZeRO-1), an fp32 sum of the ineligible elements."""
         return self.stats.nbytes + self.backend.own_bytes
 
     # ----- state --------------------------------------------------------------------------------
@@ -415,6 +419,7 @@ class BiDrop:
         self.skipped_steps += 1
         self.consecutive_skips += 1
         self.backend.skip_step()
+        self.stats.drop_held()
         logger.warning("Bi-Drop step %d skipped: non-finite gradient in some pass on some rank "
                        "(%d skipped so far, %d in a row)", step, self.skipped_steps, self.consecutive_skips)
         limit = self.config.max_consecutive_skips

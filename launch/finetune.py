@@ -850,6 +850,7 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         "lr_scheduler_steps": scheduler.last_epoch, "final_lr": scheduler.get_last_lr()[0], "ranks": world,
         "plugin_bytes_per_rank": [nbytes for nbytes, _ in plugin],
         "eligible_owned_elements_per_rank": [numel for _, numel in plugin],
+        "pass1_in_engine_buffer": bool(getattr(bidrop.backend, "retains", False)),
         "optimizer": type(optimizer).__name__, "statistics_device": str(bidrop.stats.device),
         "model_dropout": args.model_dropout, "model_elements": built[0][1],
         "built_elements_per_rank": [held for held, _ in built],
@@ -869,7 +870,8 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
         print(f"deepspeed: ranks={world} zero_stage={summary['zero_stage']} dtype={summary['dtype']} "
               f"micro_batch={summary['micro_batch']} x chunks={args.chunks} x ranks={world} = batch {args.batch_size}; "
               f"plugin bytes per rank {summary['plugin_bytes_per_rank']} "
-              f"for {summary['eligible_owned_elements_per_rank']} eligible elements owned")
+              f"for {summary['eligible_owned_elements_per_rank']} eligible elements owned"
+              + (" (pass 1 kept in DeepSpeed's own accumulators)" if summary["pass1_in_engine_buffer"] else ""))
     for position, name in enumerate(eval_splits):
         prefix = f"{name}_" if position else ""
         print(f"held-out {name} ({eval_stats[prefix + 'eval_examples']} examples): "

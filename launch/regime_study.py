@@ -271,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"the strategies table's arms besides vanilla: any of {', '.join(STUDIED)}")
     parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
                         help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
-    parser.add_argument("--threads", type=int, default=None, help="OMP threads per run (default: the CPU cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP threads per run (default: the CPU cores / --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each run's progress then goes to its log)")
     parser.add_argument("--lr_seeds", type=int, default=None, metavar="N",
                         help="choose each arm's lr on the first N --seeds (their runs go first); the other seeds "
                              "then run at the chosen lr only (default: every seed runs every lr)")
@@ -281,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = plan(tasks, arms(args.table, args.epochs, args.ks, args.strategies), args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0",
+    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0", "--jobs", str(args.jobs),
                                           *(["--threads", str(args.threads)] if args.threads else [])])
     tuning = args.seeds[:args.lr_seeds] if args.lr_seeds is not None and args.lr_seeds < len(args.seeds) else None
     failed = []

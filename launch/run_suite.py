@@ -96,7 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--deepspeed", metavar="FILE.json", default=None, help="DeepSpeed config for every run")
     parser.add_argument("--log_every", type=int, default=10, help="kept fraction per layer every N steps")
     parser.add_argument("--threads", type=int, default=None,
-                        help="OMP threads per process (default: the CPU cores / ranks)")
+                        help="OMP threads per process (default: the CPU cores / (ranks x jobs))")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, in the order planned (> 1: each run's progress goes to its log)")
     parser.add_argument("--report_only", action="store_true", help="tabulate and plot the finished runs only")
     add_data_arguments(parser)
     args = parser.parse_args(own)
@@ -107,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if args.data is not None and args.tasks is not None:
         parser.error("give --tasks or your own data (--train_file / --dataset_name), not both")
     args.tasks = [args.data.name] if args.data is not None else args.tasks or DEFAULT_TASKS
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.ranks < 1 or (args.ranks > 1 and not args.deepspeed):
         parser.error("--ranks N > 1 runs DeepSpeed ranks: give --deepspeed FILE.json (ds_configs/zero2_fp32.json)")
     try:
@@ -164,36 +168,66 @@ def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) 
 
 
 def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Path) -> list[str]:
-    """Run what is not finished yet; returns the ids that failed (their logs say why)."""
+    """Run what is not finished yet, `args.jobs` at a time in the planned order; returns the ids
+    that failed (their logs say why)."""
     env = dict(os.environ)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.ranks * args.jobs))
     env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     if args.deepspeed:
         env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     todo = [run for run in runs if not result_path(out, run).exists()]
     print(f"run_suite: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go "
-          f"(logs in {out / 'logs'})", flush=True)
-    failed = []
-    bar = tqdm(todo, desc="runs", unit="run", dynamic_ncols=True, position=0)
-    for run in bar:
-        bar.set_postfix_str(run.run_id)
-        output, log = result_path(out, run), out / "logs" / f"{run.run_id}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_suffix(".partial.json")
-        started = time.perf_counter()
-        with open(log, "w", encoding="utf-8") as handle:  # the steps' progress bar stays on the terminal
-            code = subprocess.call(command(run, args, extra, partial), stdout=handle, env=env)
-        if code == 0 and partial.exists():
-            partial.replace(output)  # only a finished run leaves its JSON: a rerun skips it
-            summary = json.loads(output.read_text(encoding="utf-8"))
-            metric = summary.get("headline_metric", "")
-            tqdm.write(f"done {run.run_id}: {metric}={summary.get(metric, math.nan):.4f} "
-                       f"in {time.perf_counter() - started:.0f}s")
-        else:
-            failed.append(run.run_id)
-            tqdm.write(f"FAILED {run.run_id} (exit {code}); see {log}")
+          f"(logs in {out / 'logs'})" + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
+    failed: list[str] = []
+    running: list[tuple[Run, subprocess.Popen, float]] = []
+    bar = tqdm(total=len(todo), desc="runs", unit="run", dynamic_ncols=True, position=0)
+    pending = iter(todo)
+    while True:
+        while len(running) < args.jobs and (run := next(pending, None)) is not None:
+            running.append((run, _start(run, args, extra, out, env), time.perf_counter()))
+            bar.set_postfix_str(", ".join(r.run_id for r, _, _ in running))
+        if not running:
+            break
+        finished = [entry for entry in running if entry[1].poll() is not None] or [_wait_any(running)]
+        for entry in finished:
+            running.remove(entry)
+            run, process, started = entry
+            _finish(run, process.returncode, out, time.perf_counter() - started, failed)
+            bar.update(1)
+    bar.close()
     return failed
+
+
+def _start(run: Run, args: argparse.Namespace, extra: list[str], out: Path, env: dict) -> subprocess.Popen:
+    """Launch one run with its stdout in its log (and its progress too when runs go side by side)."""
+    output, log = result_path(out, run), out / "logs" / f"{run.run_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen(command(run, args, extra, output.with_suffix(".partial.json")), stdout=handle,
+                                stderr=handle if args.jobs > 1 else None, env=env)
+
+
+def _wait_any(running: list[tuple[Run, subprocess.Popen, float]]) -> tuple[Run, subprocess.Popen, float]:
+    """The first of the running launches to end (polled once a second)."""
+    while True:
+        for entry in running:
+            if entry[1].poll() is not None:
+                return entry
+        time.sleep(1.0)
+
+
+def _finish(run: Run, code: int, out: Path, seconds: float, failed: list[str]) -> None:
+    output = result_path(out, run)
+    partial = output.with_suffix(".partial.json")
+    if code == 0 and partial.exists():
+        partial.replace(output)  # only a finished run leaves its JSON: a rerun skips it
+        summary = json.loads(output.read_text(encoding="utf-8"))
+        metric = summary.get("headline_metric", "")
+        tqdm.write(f"done {run.run_id}: {metric}={summary.get(metric, math.nan):.4f} in {seconds:.0f}s")
+    else:
+        failed.append(run.run_id)
+        tqdm.write(f"FAILED {run.run_id} (exit {code}); see {out / 'logs' / f'{run.run_id}.log'}")
 
 
 def result_path(out: Path, run: Run) -> Path:

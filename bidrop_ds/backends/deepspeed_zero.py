@@ -153,16 +153,21 @@ class Zero12Partition:
       step's final backward, and the accumulators sum the ineligible elements through the passes;
     - ZeRO-1 reduces only at a boundary, so every pass ends in one, and each boundary lists fresh
       tensors (they do not accumulate, unless compact).
-    The final pass's views receive the masked mean for `engine.step()`."""
+    The final pass's views receive the masked mean for `engine.step()`.
+    ZeRO-2 with fp32 accumulators and k = 2 `retains` pass 1: `release()` drops DeepSpeed's
+    accumulators, so pass 2 starts fresh ones (as its first micro-step would) while Bi-Drop keeps
+    pass 1 where it is: one buffer of pass 1 in all, where copying it out would keep two."""
 
     def __init__(self, engine, names: dict[int, str], config: BiDropConfig) -> None:
         opt = engine.optimizer
         self.engine, self.optimizer = engine, opt
         self.boundary_every_pass = engine.zero_optimization_stage() == 1
         groups = range(len(opt.partition_size))
-        self.accumulates = not self.boundary_every_pass or all(opt._use_compact_grad_partition_buffer(i)
-                                                               for i in groups)
+        compact = [opt._use_compact_grad_partition_buffer(i) for i in groups]
         self.offload = bool(opt.cpu_offload)
+        self.retains = (config.k == 2 and not self.boundary_every_pass and not self.offload and not any(compact)
+                        and opt.gradient_accumulation_dtype == torch.float32)
+        self.accumulates = not self.retains and (not self.boundary_every_pass or all(compact))
         self.fragments, self._places, self._masters, self._offloaded, base = [], [], [], [], 0
         for i in groups:
             size = int(opt.partition_size[i])
@@ -209,6 +214,12 @@ class Zero12Partition:
 
     def master_views(self) -> list[torch.Tensor]:
         return self._masters
+
+    def release(self) -> None:
+        """Hand the accumulators of the passes so far over to the caller (who holds views of them):
+        DeepSpeed's next reduction starts new ones."""
+        for group in self.optimizer.all_grad_tensors:
+            self.optimizer.all_grad_tensors[group] = None
 
     def written(self) -> None:
         """Offload: the clipping norms recorded at the boundary become those of the written gradient."""
@@ -350,6 +361,7 @@ class DeepSpeedBackend(ShardedBackend):
             if views:
                 torch._foreach_zero_(views)
             self.partition.skipped()
+        self.drop_retained()
 
     def optimizer_step(self) -> None:
         self.engine.set_gradient_accumulation_boundary(True)

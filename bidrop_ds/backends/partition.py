@@ -46,7 +46,9 @@ class Partition(Protocol):
     """This rank's elements: `fragments` place parameters in the rank's flat partition, `views()`
     are the tensors holding the current pass's gradient (one 1-D view per fragment, in fragment
     order) and `master_views()` the (fp32 master) weights, likewise. `accumulates`: a pass's
-    gradient left in place is added to by the next pass's (so ineligible elements sum themselves)."""
+    gradient left in place is added to by the next pass's (so ineligible elements sum themselves).
+    `retains` (optional, default False): `release()` hands this pass's storage over, so that its
+    views stay valid while the next pass lands in fresh storage."""
 
     fragments: list[Fragment]
     accumulates: bool
@@ -64,7 +66,8 @@ class ShardedBackend:
     fragments one after another. Ineligible elements cost no statistics: where the partition
     accumulates, their gradient is left in place through the passes (it sums itself) and divided
     by k at the end, which is exactly their mean; where it does not, they are summed in an fp32
-    buffer of their own (4 bytes per ineligible element)."""
+    buffer of their own (4 bytes per ineligible element). Where the partition `retains` a pass
+    (`retain_pass`), pass 1 stays where it lives for the step: then no buffer at all."""
 
     def __init__(self, partition: Partition, config: BiDropConfig, device: torch.device,
                  agreement_comm: Communicator, parameters: list[tuple[str, int]],
@@ -87,8 +90,10 @@ class ShardedBackend:
         # every rank built its part, sets `total_numel` (over the ranks, or held_numel on a replica).
         self.numel = self.held_numel = offset
         others = sum(fragments[i].numel for i in self._others)
+        self.retains = bool(getattr(partition, "retains", False))
         self._others_sum = (torch.zeros(others, dtype=torch.float32, device=device)
-                            if others and not partition.accumulates else None)
+                            if others and not partition.accumulates and not self.retains else None)
+        self._held_others: list[torch.Tensor] = []  # pass 1's ineligible views, where retained
 
     @property
     def own_bytes(self) -> int:
@@ -112,8 +117,21 @@ class ShardedBackend:
         return self._split()[0]
 
     def begin_step(self) -> None:
+        self._held_others = []
         if self._others_sum is not None:
             self._others_sum.zero_()
+
+    def retain_pass(self) -> list[torch.Tensor]:
+        """Keep this pass's gradient where it lives, its storage handed over by the engine (the
+        next pass lands in fresh storage): returns the eligible views, for `PassStatistics.hold_first`;
+        the ineligible ones are added to the last pass's in `finish_others`."""
+        eligible, self._held_others = self._split()
+        self.partition.release()
+        return eligible
+
+    def drop_retained(self) -> None:
+        """Forget a retained pass (its storage is freed once the statistics drop theirs too)."""
+        self._held_others = []
 
     def end_pass(self) -> None:
         """After a pass is folded: zero its eligible gradient; the ineligible one stays (or is
@@ -138,7 +156,7 @@ class ShardedBackend:
 
     def others_finite(self) -> bool:
         """Whether the ineligible gradients summed so far are finite (one max-abs per fragment)."""
-        pieces = [t for t in self._split()[1] if t.numel()]
+        pieces = [t for t in (*self._split()[1], *self._held_others) if t.numel()]
         if self._others_sum is not None:
             pieces.append(self._others_sum)
         return not pieces or bool(torch.isfinite(torch.stack(torch._foreach_norm(pieces, float("inf")))).all())
@@ -148,6 +166,7 @@ class ShardedBackend:
         views = [t for t in self.partition.views() if t.numel()]
         if views:
             torch._foreach_zero_(views)
+        self.drop_retained()
 
     def write_update(self, update: torch.Tensor) -> None:
         """The eligible gradient := `update` (flat, in the statistics' layout)."""
@@ -162,6 +181,10 @@ class ShardedBackend:
         if self._others_sum is not None:
             for grad, total in zip(others, self._others_sum.split([t.numel() for t in others])):
                 grad.add_(total)
+        held = [(grad, first) for grad, first in zip(others, self._held_others) if grad.numel()]
+        if held:
+            torch._foreach_add_([grad for grad, _ in held], [first for _, first in held])
+        self.drop_retained()
         if others and passes > 1:
             torch._foreach_div_(others, float(passes))
         self.partition.written()

@@ -108,28 +108,30 @@ class _ScoreKernel:
                 score.mul_(a.div_(t))                          # F_per * F_sca (no overflow in between)
 
 
-def _aligned(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor], step: int
-             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(offset, slice of `first`, slice of `second`) over two piece lists of one flat layout, each
-    pair inside one piece of each list, at most `step` long."""
-    pieces = iter(second)
-    other, used = None, 0
-    offset = 0
-    for piece in first:
-        done = 0
-        while done < piece.numel():
-            while other is None or used == other.numel():
-                other, used = next(pieces).reshape(-1), 0
-            length = min(step, piece.numel() - done, other.numel() - used)
-            yield offset, piece[done:done + length], other[used:used + length]
-            done, used, offset = done + length, used + length, offset + length
+def _aligned(*layouts: Sequence[torch.Tensor], step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Matching slices of piece lists that lay out one flat range each, every slice inside one
+    piece of its list and at most `step` long (the pieces of each list, concatenated, line up)."""
+    iterators = [iter(layout) for layout in layouts]
+    current: list[torch.Tensor | None] = [None] * len(layouts)
+    used = [0] * len(layouts)
+    while True:
+        for i, it in enumerate(iterators):
+            while current[i] is None or used[i] == current[i].numel():
+                piece = next(it, None)
+                if piece is None:
+                    return
+                current[i], used[i] = piece.reshape(-1), 0
+        length = min(step, *(piece.numel() - u for piece, u in zip(current, used)))
+        yield tuple(piece[u:u + length] for piece, u in zip(current, used))
+        used = [u + length for u in used]
 
 
 def pair_scores_(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch.Tensor], kind: str, eps: float,
                  generator: torch.Generator | None = None, grad_scale: float = 1.0) -> list[torch.Tensor]:
-    """k = 2 in one sweep: from pass 1 in `stats.mean` and pass 2 held in `stats.last` (fp32
-    views where the gradient lives), write the mean of the two into `stats.mean` and the scores
-    into pass 2's own views, which are returned (a list of views: no buffer of the plugin's).
+    """k = 2 in one sweep: from pass 1 in `stats.mean_pieces()` (the statistics' buffer, or pass 1's
+    own views where it is held there) and pass 2 held in `stats.last` (fp32 views where the gradient
+    lives), write the mean of the two over pass 1 and the scores into pass 2's own views, which
+    are returned (a list of views: no buffer of the plugin's).
 
     The arithmetic is Welford's for n = 2 (delta = g2 - g1, mean = g1 + delta / 2,
     M2 = delta^2 / 2), then the scores of `scores_into_m2`; `abs_param` is theta (any float dtype,
@@ -140,10 +142,11 @@ def pair_scores_(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch
         raise ValueError(f"pair_scores_: needs pass 1 folded and pass 2 held (count {stats.count})")
     if kind not in ("product", "perturbation", "scaling", "random"):
         raise ValueError(f"unknown score kind {kind!r}")
-    last = stats.last
+    last, means = stats.last, stats.mean_pieces()
     pieces = [abs_param] if isinstance(abs_param, torch.Tensor) else list(abs_param)
-    if any(piece.dtype != torch.float32 for piece in last):
-        raise ValueError("pair_scores_: pass 2 must be held in fp32 (its views receive the scores)")
+    if any(piece.dtype != torch.float32 for piece in (*last, *means)):
+        raise ValueError("pair_scores_: both passes must be held in fp32 (their views receive the mean "
+                         "and the scores)")
     if sum(piece.numel() for piece in pieces) != stats.numel:
         raise ValueError(f"pair_scores_: abs_param has {sum(p.numel() for p in pieces)} elements, "
                          f"the statistics {stats.numel}")
@@ -152,9 +155,8 @@ def pair_scores_(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch
     delta = torch.empty(step, dtype=torch.float32, device=device)
     kernel = _ScoreKernel(kind, 2, eps, grad_scale, step, device)
     spread_max = torch.zeros((), dtype=torch.float32, device=device)
-    mean = stats.mean
-    for offset, g2, theta in _aligned(last, pieces, step):
-        m, d = mean[offset:offset + g2.numel()], delta[:g2.numel()]
+    for g2, m, theta in _aligned(last, means, pieces, step=step):
+        d = delta[:g2.numel()]
         torch.sub(g2, m, out=d)
         m.add_(d, alpha=0.5)                                   # the mean
         torch.mul(d, d, out=g2).mul_(0.5)                      # M2, in place of pass 2
@@ -168,14 +170,18 @@ def pair_scores_(stats: PassStatistics, abs_param: torch.Tensor | Sequence[torch
     return list(last)
 
 
-def masked_mean_into_(scores: Sequence[torch.Tensor], mean: torch.Tensor, threshold: float,
-                      divisor: float = 1.0) -> None:
+def masked_mean_into_(scores: Sequence[torch.Tensor], mean: torch.Tensor | Sequence[torch.Tensor],
+                      threshold: float, divisor: float = 1.0) -> None:
     """scores := mean * (scores >= threshold) / divisor, piece by piece in place (the pair path's
-    final write: the scores sit where the gradient lives, so this is the update)."""
-    step = CHUNK.get(mean.device.type, DEFAULT_CHUNK)
-    for offset, score, _ in _aligned(scores, [mean], step):
+    final write: the scores sit where the gradient lives, so this is the update). `mean`: one
+    flat tensor or pieces of that layout (`PassStatistics.mean_pieces()`)."""
+    means = [mean] if isinstance(mean, torch.Tensor) else list(mean)
+    if not means:
+        return
+    step = CHUNK.get(means[0].device.type, DEFAULT_CHUNK)
+    for score, m in _aligned(scores, means, step=step):
         torch.ge(score, threshold, out=score)
-        score.mul_(mean[offset:offset + score.numel()])
+        score.mul_(m)
         if divisor != 1.0:
             score.div_(divisor)
 

@@ -4,7 +4,9 @@ Each pass's gradient is folded in as it arrives, so no pass is ever stored whole
 fp32 buffers over the eligible elements this rank owns. The step's last pass is not folded: it is
 held where it lives (`hold_last`), and the step's final sweep reads it there:
 - k = 2 (the default): `mean` holds pass 1 only, 4 bytes per element; `pair_scores_`
-  (bidrop_ds.core.scores) turns (pass 1, pass 2) into the mean and the scores in one sweep.
+  (bidrop_ds.core.scores) turns (pass 1, pass 2) into the mean and the scores in one sweep. Where
+  the backend can keep pass 1 where it lives while pass 2 goes to fresh storage (`hold_first`),
+  not even those 4 bytes are copied: the mean is then written into pass 1's own views.
 - otherwise Welford's mean and M2, 8 bytes per element whatever k is, the last pass folded in by
   `fold_last`. Welford's update avoids the cancellation of the sum / sum-of-squares form when the
   passes nearly agree, which is exactly the regime Bi-Drop cares about (small spread, large mean).
@@ -42,15 +44,26 @@ class PassStatistics:
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
         self.count = 0                              # passes folded in or held
+        self.first: list[torch.Tensor] | None = None  # pass 1 held where it lives (views), if so
         self.last: list[torch.Tensor] | None = None  # the held last pass (views), until folded
         self.spread_max: torch.Tensor | None = None  # the largest spread, set by the pair sweep
 
     @property
     def mean(self) -> torch.Tensor:
-        """The running mean (after the pair sweep: the mean of the two passes), fp32."""
+        """The running mean (after the pair sweep: the mean of the two passes), fp32, in this
+        object's own buffer: a pass 1 held where it lives is copied in first (see `mean_pieces`)."""
         if self._mean is None:
             self._mean = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        if self.first is not None:
+            first, self.first = self.first, None
+            if first:
+                torch._foreach_copy_(list(self._mean.split([piece.numel() for piece in first])), first)
         return self._mean
+
+    def mean_pieces(self) -> list[torch.Tensor]:
+        """The running mean as pieces of its flat layout: pass 1's own views where it is held
+        (`hold_first`), else [`mean`]. The pair sweep writes the mean there, with no copy."""
+        return self.first if self.first is not None else [self.mean]
 
     @property
     def m2(self) -> torch.Tensor:
@@ -68,8 +81,25 @@ class PassStatistics:
         """Forget all passes (start of a step). The first fold overwrites the mean, and M2 is
         zeroed only where it will accumulate."""
         self.count = 0
+        self.first = None
         self.last = None
         self.spread_max = None
+
+    def hold_first(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Count pass 1 without copying it: it stays in `grad` (views the caller keeps valid, and
+        apart from where the next passes land, until the step's update is written). The pair
+        sweep writes the mean there; any other use copies it into `mean` first."""
+        if self.count:
+            raise ValueError(f"PassStatistics.hold_first: {self.count} passes already counted")
+        pieces = flat_pieces(grad)
+        self._check(pieces)
+        self.first = [piece for piece in pieces if piece.numel()]
+        self.count = 1
+
+    def drop_held(self) -> None:
+        """Forget the views of held passes (once the update is written), so their storage can go."""
+        self.first = None
+        self.last = None
 
     def hold_last(self, grad: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Count the step's last pass without reading it: it stays in `grad` (views where it
@@ -160,7 +190,9 @@ class PassStatistics:
         if self.last is not None and any(piece.numel() for piece in self.last):
             extremes += torch._foreach_norm([piece for piece in self.last if piece.numel()], float("inf"))
         folded = self.count - (self.last is not None)
-        if folded:
+        if self.first is not None:
+            extremes += torch._foreach_norm(self.first, float("inf")) if self.first else []
+        elif folded:
             extremes += list(torch.aminmax(self.mean))
             if folded > 1 and self.spread_max is None:
                 extremes.append(self.m2.max())

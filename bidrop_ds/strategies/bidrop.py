@@ -65,7 +65,7 @@ class BiDropRule:
             return None
         divisor = config.p if config.rescale else 1.0
         if isinstance(scores, list):  # the pair path: the scores sit where the gradient lives
-            masked_mean_into_(scores, bidrop.stats.mean, found.value, divisor)
+            masked_mean_into_(scores, bidrop.stats.mean_pieces(), found.value, divisor)
         else:
             mask_update_(bidrop.stats.mean, scores, found.value)  # update *= (scores >= tau); scores consumed
             if divisor != 1.0:

@@ -82,6 +82,9 @@ def test_zero_matches_oracle(stages):
             compared[scenario] = compared.get(scenario, 0) + 1
             assert_matches_oracle(row, bound=1e-5)
             assert row.get("reference_err", 0.0) <= 1e-6, row
+            # pass 1 stays in DeepSpeed's own accumulators exactly on ZeRO-2 with fp32 ones, no offload
+            zero2_fp32 = row["stage"] == 2 and row["precision"] == "fp32" and row["offload"] in (None, CLASSIFIER_ONLY[-1])
+            assert row["retains"] == zero2_fp32, row
         expected = {(stage, precision, offload, chunks) for stage, precision, _, offload in SCENARIOS + [CLASSIFIER_ONLY]
                     if stage in stages for chunks in (1, 2)}
         assert compared == dict.fromkeys(expected, COMPARED_STEPS)

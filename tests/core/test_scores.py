@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bidrop_ds.core import scores as scores_module
-from bidrop_ds.core.scores import mask_update_, scores_into_m2
+from bidrop_ds.core.scores import mask_update_, masked_mean_into_, pair_scores_, scores_into_m2
 from bidrop_ds.core.stats import PassStatistics
 from tests.oracle import oracle_step
 
@@ -239,3 +239,58 @@ def test_ineligible_ranges_score_minus_one(kind, monkeypatch):
     assert (got[marked] == -1.0).all() and torch.equal(got[~marked], reference[~marked])
     with pytest.raises(ValueError, match="outside"):
         scores_into_m2(_stats(passes), theta, kind, 1e-8, generator(), ineligible=[(5, N + 1)])
+
+
+def _split(flat: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    """Views of `flat` cut at `cuts` (empty pieces included), as a backend's fragments are."""
+    bounds = [0, *cuts, flat.numel()]
+    return [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "random"])
+def test_pair_sweep_over_a_held_first_pass_is_bit_identical(kind, monkeypatch):
+    """Pass 1 held where it lives (`hold_first`, pieces cut elsewhere than pass 2's) gives the very
+    scores and masked mean of pass 1 copied into the statistics' buffer, and allocates no buffer:
+    the mean is written over pass 1's own views."""
+    passes, theta = _case("mixed_scale", seed=5)
+    for chunk in (7, 1 << 16):
+        monkeypatch.setitem(scores_module.CHUNK, "cpu", chunk)
+        results = []
+        for held in (False, True):
+            first, second = passes[0].clone(), passes[1].clone()
+            stats = PassStatistics(N)
+            if held:
+                stats.hold_first(_split(first, [3, 3, 700]))
+            else:
+                stats.update(first)
+            stats.hold_last(_split(second, [1000, 1999]))
+            generator = torch.Generator().manual_seed(1)
+            scores = pair_scores_(stats, theta, kind, eps=1e-8, generator=generator)
+            written = torch.cat([s.clone() for s in scores])
+            masked_mean_into_(scores, stats.mean_pieces(), threshold=float(written.median()), divisor=0.3)
+            results.append((written, second.clone(), stats.nbytes))
+            if held:
+                assert torch.equal(first, passes[0] + (passes[1] - passes[0]) * 0.5)  # the mean, in place
+        (scores_copied, update_copied, bytes_copied), (scores_held, update_held, bytes_held) = results
+        assert torch.equal(scores_held, scores_copied) and torch.equal(update_held, update_copied), chunk
+        assert (bytes_copied, bytes_held) == (4 * N, 0)
+
+
+def test_a_held_first_pass_folds_like_a_copied_one():
+    """A rule that folds (Welford) copies a held pass 1 into the statistics first: the same mean and
+    M2 as folding it, pass 1's storage untouched; a non-finite held pass 1 is seen by is_finite."""
+    passes, _ = _case("mixed_scale", seed=6)
+    stats, reference = PassStatistics(N), _stats(passes[:2])
+    first = passes[0].clone()
+    stats.hold_first(_split(first, [10, 1500]))
+    assert stats.is_finite() and stats.nbytes == 0
+    stats.hold_last(passes[1].clone())
+    stats.fold_last()
+    assert torch.equal(stats.mean, reference.mean) and torch.equal(stats.m2, reference.m2)
+    assert torch.equal(first, passes[0]) and stats.first is None
+    poisoned = PassStatistics(N)
+    first[1600] = float("nan")
+    poisoned.hold_first(_split(first, [10, 1500]))
+    assert not poisoned.is_finite()
+    with pytest.raises(ValueError, match="1 passes already counted"):
+        poisoned.hold_first(first)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -46,11 +47,12 @@ def test_tiny_suite_end_to_end_and_resume(suite: ModuleType, tiny_model: Path, v
                                           capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "suite"
     argv = ["--out", str(out), "--strategies", "vanilla", "bidrop", "--tasks", "vader-movie", "--seeds", "0", "1",
-            "--log_every", "1", "--", "--model", str(tiny_model), "--train_size", "32", "--eval_size", "16",
-            "--max_length", "16", "--batch_size", "16"]
+            "--log_every", "1", "--jobs", "2", "--", "--model", str(tiny_model), "--train_size", "32",
+            "--eval_size", "16", "--max_length", "16", "--batch_size", "16"]
     assert suite.main(argv) == 0
     first = capsys.readouterr().out
-    assert "4 to go" in first
+    assert "4 to go (logs in" in first and "2 at a time" in first
+    assert "train:" in (out / "logs" / "vader-movie" / "bidrop" / "seed1.log").read_text()  # progress in the log
     summaries = {path.relative_to(out / "runs").as_posix(): json.loads(path.read_text())
                  for path in (out / "runs").rglob("seed*.json")}
     assert sorted(summaries) == [f"vader-movie/{s}/seed{i}.json" for s in ("bidrop", "vanilla") for i in (0, 1)]
@@ -68,6 +70,26 @@ def test_tiny_suite_end_to_end_and_resume(suite: ModuleType, tiny_model: Path, v
     assert (out / "scores.png").stat().st_size > 0 and (out / "kept_by_layer.png").stat().st_size > 0
     assert suite.main(argv) == 0  # resumed: everything is finished, nothing runs again
     assert "4 already finished, 0 to go" in capsys.readouterr().out
+
+
+def test_runs_go_side_by_side_and_a_failure_is_reported(suite: ModuleType, tmp_path: Path, monkeypatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """--jobs 2: three runs, at most two at once (each writes its summary as finetune.py would), the
+    failing one named, the others kept."""
+    script = ("import json, os, sys, time; out = sys.argv[1]; time.sleep(0.5)\n"
+              "if 'seed1' in out: sys.exit(3)\n"
+              "json.dump({'headline_metric': 'accuracy', 'accuracy': 0.5, 'threads': os.environ['OMP_NUM_THREADS']},"
+              " open(out, 'w'))")
+    monkeypatch.setattr(suite, "command", lambda run, args, extra, partial: [sys.executable, "-c", script, str(partial)])
+    args, extra = suite.parse_args(["--out", str(tmp_path), "--strategies", "vanilla", "--tasks", "t",
+                                    "--seeds", "0", "1", "2", "--jobs", "2", "--threads", "1"])
+    runs = suite.plan(args.tasks, args.strategies, args.grid, args.seeds)
+    assert suite.execute(runs, args, extra, tmp_path) == ["t/vanilla/seed1"]
+    printed = capsys.readouterr()
+    assert "3 to go" in printed.out and "FAILED t/vanilla/seed1 (exit 3)" in printed.err + printed.out
+    done = {run.seed: json.loads(suite.result_path(tmp_path, run).read_text())["threads"]
+            for run in runs if suite.result_path(tmp_path, run).exists()}
+    assert done == {0: "1", 2: "1"}
 
 
 def test_own_data_goes_to_every_run_and_best_dev_scores_get_their_own_table(suite: ModuleType, tmp_path: Path,
