@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from bidrop_ds.comm import ProcessGroupCommunicator
-from bidrop_ds.backends.partition import Fragment, ShardedBackend, module_parameters
+from bidrop_ds.backends.partition import Fragment, ShardedBackend, module_parameters, zero_all
 from bidrop_ds.config import BiDropConfig
 
 VERIFIED_DEEPSPEED = ("0.19.8", "0.20")  # [low, high)
@@ -235,9 +235,7 @@ class Zero12Partition:
         self.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
         if self.offload:
             self.optimizer._offload_accumulated_param_ids = set()
-            accumulators = [t for t in self.optimizer.accumulated_grads_in_cpu.values() if t.numel()]
-            if accumulators:
-                torch._foreach_zero_(accumulators)
+            zero_all(list(self.optimizer.accumulated_grads_in_cpu.values()))
 
 
 def _record_norms(optimizer, param_ids: list[int], grads: list[torch.Tensor]) -> None:
@@ -358,8 +356,7 @@ class DeepSpeedBackend(ShardedBackend):
                 view.fill_(float("inf"))
             self.optimizer_step()
         else:
-            if views:
-                torch._foreach_zero_(views)
+            zero_all(views)
             self.partition.skipped()
         self.drop_retained()
 

@@ -35,6 +35,14 @@ class ParameterSlice:
     ranges: tuple[tuple[int, int], ...]  # [start, end) in this rank's flat layout; empty if none
 
 
+def zero_all(tensors: list[torch.Tensor]) -> None:
+    """Zero every non-empty tensor in one foreach call (none at all is fine: a rank may own no
+    eligible element, e.g. a partition of embeddings only)."""
+    tensors = [t for t in tensors if t.numel()]
+    if tensors:
+        torch._foreach_zero_(tensors)
+
+
 def module_parameters(module: nn.Module) -> list[tuple[str, int]]:
     """(name, full element count) of every trainable parameter, in the order all ranks share
     (a ZeRO-3 partitioned parameter reports its full size in `ds_numel`)."""
@@ -137,8 +145,7 @@ class ShardedBackend:
         """After a pass is folded: zero its eligible gradient; the ineligible one stays (or is
         added to this backend's sum where the partition does not accumulate)."""
         eligible, others = self._split()
-        if eligible:  # a rank may own no eligible element (a partition of embeddings only)
-            torch._foreach_zero_(eligible)
+        zero_all(eligible)
         if self._others_sum is not None:
             for total, grad in zip(self._others_sum.split([t.numel() for t in others]), others):
                 total.add_(grad)
@@ -163,9 +170,7 @@ class ShardedBackend:
 
     def discard_gradients(self) -> None:
         """Zero this pass's gradient without any optimizer step (Fisher estimation batches)."""
-        views = [t for t in self.partition.views() if t.numel()]
-        if views:
-            torch._foreach_zero_(views)
+        zero_all(self.partition.views())
         self.drop_retained()
 
     def write_update(self, update: torch.Tensor) -> None:
