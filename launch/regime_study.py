@@ -14,7 +14,8 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
   held-out takes part in the choice. `--lr_seeds N` chooses it on the first N seeds only, whose runs
   go first; the other seeds then run at the chosen rate alone (fewer runs: 2 of 5 seeds tuning
   make 27 runs of the 45 of a 3-arm table).
-- Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`).
+- Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`); the same
+  comparisons at the last epoch follow as rows whose setting ends in ", last epoch".
 - Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
   passes --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
   (the strategies table; OUT/<table>_paired.csv for each table) holds, per (task, strategy,
@@ -107,9 +108,10 @@ def dev_score(summary: dict[str, Any]) -> float:
     return row[f"dev_{summary['headline_metric']}"]
 
 
-def held_out_score(summary: dict[str, Any]) -> float:
-    """The headline held-out metric at the run's best-dev epoch."""
-    return summary["at_best_dev_epoch"][summary["headline_metric"]]
+def held_out_score(summary: dict[str, Any], at: str = "best_dev") -> float:
+    """The headline held-out metric at the run's best-dev epoch (`at="last"`: at its last epoch)."""
+    scores = summary if at == "last" else summary["at_best_dev_epoch"]
+    return scores[summary["headline_metric"]]
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -152,9 +154,11 @@ def remaining_runs(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path,
     return [run for run, (task, arm, lr) in runs.items()
             if run.seed not in tuning and (task, arm) in picked and picked[task, arm][0] == lr]
 
-def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int) -> list[dict[str, Any]]:
+def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int,
+                at: str = "best_dev") -> list[dict[str, Any]]:
     """One row per (task, non-baseline arm [, equal compute]) against vanilla: the per-seed held-out
-    differences x 100 over the seeds both finished."""
+    differences x 100 over the seeds both finished, at each run's best-dev epoch (`at="last"`: at
+    the last epoch, the setting then ending in ", last epoch")."""
     rows = []
     for (task, arm), (lr, by_seed) in picked.items():
         if arm == Arm("vanilla"):
@@ -170,10 +174,11 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
             seeds = sorted(set(by_seed) & set(base))
             if not seeds:
                 continue
-            diffs = [100 * (held_out_score(by_seed[s]) - held_out_score(base[s])) for s in seeds]
+            diffs = [100 * (held_out_score(by_seed[s], at) - held_out_score(base[s], at)) for s in seeds]
             mean, low, high = t_interval(diffs)
             setting = " ".join(f"{key}={value}" for key, value in arm.settings) or "-"
             setting += f" ({note}: vs {baseline.label})" if note else ""
+            setting += ", last epoch" if at == "last" else ""
             rows.append({"task": task, "strategy": arm.strategy, "setting": setting, "n": len(seeds),
                          "mean_diff": round(mean, 3), "ci_low": round(low, 3), "ci_high": round(high, 3),
                          "wins": sum(d > 0 for d in diffs)})
@@ -197,7 +202,7 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
     picked = chosen(collect(runs, out), runs, tuning)
     if not picked:
         return "regime_study: no finished run to report\n"
-    paired = paired_rows(picked, epochs)
+    paired = paired_rows(picked, epochs) + paired_rows(picked, epochs, at="last")
     for name in ([f"{table}_paired.csv"] + (["paired.csv"] if table == "strategies" else [])):
         with open(out / name, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=["task", "strategy", "setting", "n", "mean_diff", "ci_low",
@@ -207,16 +212,18 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
     lines = [f"# Regime study: {table}", "", f"Command: `{command_line}`", "",
              "Held-out headline metric x 100 at each run's best-dev epoch (mean ± std over seeds), the learning "
              "rate chosen on the dev split (" + (f"of seeds {', '.join(map(str, tuning))}" if tuning else "of every seed")
-             + "), and the paired difference to vanilla (95% t-interval, seeds won).", "",
-             "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev |",
-             "|---|---|---|---|---|---|"]
+             + "), and the paired difference to vanilla (95% t-interval, seeds won); the rows ending in "
+             "`last epoch` compare the held-out metric at the last epoch instead.", "",
+             "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev | held-out, last epoch |",
+             "|---|---|---|---|---|---|---|"]
     for (task, arm), (lr, by_seed) in picked.items():
         held = [100 * held_out_score(s) for s in by_seed.values()]
+        held_last = [100 * held_out_score(s, "last") for s in by_seed.values()]
         dev = [100 * dev_score(s) for s in by_seed.values()]
         last_dev = [100 * s["epoch_history"][-1][f"dev_{s['headline_metric']}"] for s in by_seed.values()]
         loss = [s["epoch_history"][-1]["train_loss"] for s in by_seed.values()]
         lines.append(f"| {task} | {arm.label} | {lr} | {_mean_std(held)} (n={len(held)}) | {_mean_std(dev)} | "
-                     f"{statistics.fmean(loss):.4f}, {statistics.fmean(last_dev):.2f} |")
+                     f"{statistics.fmean(loss):.4f}, {statistics.fmean(last_dev):.2f} | {_mean_std(held_last)} |")
     lines += ["", "| task | strategy | setting | n | mean diff | 95% CI | wins |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['strategy']} | {r['setting']} | {r['n']} | {r['mean_diff']:.2f} | "
               f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['wins']}/{r['n']} |" for r in paired]
