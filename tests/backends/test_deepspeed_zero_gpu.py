@@ -28,6 +28,8 @@ BOUND = 1e-5
 MAX_STEPS = 4   # fp16 starts at scale 2^16, so its first steps may overflow and be skipped
 COMPARED = 2    # a scenario stops after this many compared steps
 SCENARIOS = [(stage, precision, chunks) for stage in (2, 3) for precision in ("bf16", "fp16") for chunks in (1, 2)]
+# ZeRO-2 fp32: pass 1 stays in DeepSpeed's own accumulators on the GPU (the plugin allocates nothing)
+SCENARIOS += [(2, "fp32", chunks) for chunks in (1, 2)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,6 +91,7 @@ def test_bf16_and_fp16_zero_match_oracle_on_gpu():
         assert compared, f"no step was compared (all skipped): {table}"
         for row in compared:
             assert_matches_oracle(row, BOUND)
+            assert row["retains"] == (table["stage"] == 2 and table["dtype"] == "fp32"), table
 
 
 def _poisoned(stage: int) -> dict:
