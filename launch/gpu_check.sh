@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the DeepSpeed backend: ZeRO-2/3 x bf16/fp16 x 1/2 chunks against the float64 oracle,
+# GPU check of the DeepSpeed backend: ZeRO-2/3 x bf16/fp16 (and ZeRO-2 fp32) x 1/2 chunks against the float64 oracle,
 # and an inf pass under fp16 (tests/backends/test_deepspeed_zero_gpu.py), on the device machine:
 # one H100, python3 = Python 3.12 with torch 2.11+cu130 and transformers, but no deepspeed, pydantic
 # or hjson, and no registry. It installs those from the wheels `make gpu-wheels` put in .whl/, prints
