@@ -188,7 +188,9 @@ def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Pa
             bar.set_postfix_str(", ".join(r.run_id for r, _, _ in running))
         if not running:
             break
-        finished = [entry for entry in running if entry[1].poll() is not None] or [_wait_any(running)]
+        finished = [entry for entry in running if entry[1].poll() is not None]
+        if not finished:
+            time.sleep(1.0)
         for entry in finished:
             running.remove(entry)
             run, process, started = entry
@@ -206,15 +208,6 @@ def _start(run: Run, args: argparse.Namespace, extra: list[str], out: Path, env:
     with open(log, "w", encoding="utf-8") as handle:  # the child keeps its own descriptor
         return subprocess.Popen(command(run, args, extra, output.with_suffix(".partial.json")), stdout=handle,
                                 stderr=handle if args.jobs > 1 else None, env=env)
-
-
-def _wait_any(running: list[tuple[Run, subprocess.Popen, float]]) -> tuple[Run, subprocess.Popen, float]:
-    """The first of the running launches to end (polled once a second)."""
-    while True:
-        for entry in running:
-            if entry[1].poll() is not None:
-                return entry
-        time.sleep(1.0)
 
 
 def _finish(run: Run, code: int, out: Path, seconds: float, failed: list[str]) -> None:
