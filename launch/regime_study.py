@@ -8,7 +8,8 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
 
 - `strategies`: each task of TASKS x vanilla, bidrop k=2, bidrop k=4, childtuning-d, dps at
   --epochs E, plus vanilla at 2E and 4E epochs (equal compute: a Bi-Drop step costs k passes).
-- `sensitivity`: bidrop k=2 on SENSITIVITY_TASK, p in {0.1, 0.3, 0.5, 0.7} x rescale off/on.
+- `sensitivity`: bidrop k=2 on SENSITIVITY_TASK, p in {0.1, 0.3, 0.5, 0.7} x rescale off/on (the
+  default arm, p=0.3 without rescale, is the strategies table's bidrop k=2: same runs).
 - Learning rate: every arm runs at each of --lrs (default 2e-5, 5e-5, 1e-4); the arm's rate is the
   one with the highest mean over seeds of the dev score at each run's best-dev epoch. Nothing
   held-out takes part in the choice. `--lr_seeds N` chooses it on the first N seeds only, whose runs
@@ -53,7 +54,10 @@ TASKS: dict[str, dict[str, str]] = {
     "vader-transfer": {"train_size": "500", "dev_size": "100"},
     "vader-movie-imbalanced": {"train_size": "1000", "dev_size": "100"},  # a low-resource subset, 1:4 kept
 }
-SENSITIVITY_TASK = "vader-movie-lowres-1000"
+# the sweep's task: the smallest, whose vanilla and default Bi-Drop runs the strategies table already holds
+SENSITIVITY_TASK = "vader-movie-lowres-250"
+SENSITIVITY_PS = ("0.1", "0.3", "0.5", "0.7")
+DEFAULTS = {"p": "0.3", "rescale": "off"}  # BiDropConfig's: an arm at them is the strategies table's bidrop k=2
 BIDROP_KS = (2, 4)
 STUDIED = ("vanilla", "bidrop", "childtuning-d", "dps")  # the strategies table's strategies
 # every run's batch (the issue's budget: MiniLM, max length 64 - finetune.py's default -, batch 16)
@@ -77,13 +81,15 @@ class Arm:
 
 
 def arms(table: str, epochs: int, ks: Sequence[int] = BIDROP_KS,
-         strategies: Sequence[str] = STUDIED) -> list[Arm]:
+         strategies: Sequence[str] = STUDIED, rescales: Sequence[str] = ("off", "on")) -> list[Arm]:
     """The arms of a table; the first is the vanilla baseline at `epochs` epochs. The strategies table
     runs Bi-Drop at each of `ks` (and vanilla at k x `epochs`, its equal compute) and the other
-    `strategies` once each."""
-    if table == "sensitivity":
-        return [Arm("vanilla"), *(Arm("bidrop", (("k", "2"), ("p", p), ("rescale", rescale)))
-                                  for p in ("0.1", "0.3", "0.5", "0.7") for rescale in ("off", "on"))]
+    `strategies` once each; the sensitivity table each p of SENSITIVITY_PS at each of `rescales`."""
+    if table == "sensitivity":  # settings at their default are left out, so the default arm shares its runs
+        return [Arm("vanilla"), *(Arm("bidrop", (("k", "2"), *((name, value) for name, value in
+                                                              (("p", p), ("rescale", rescale))
+                                                              if DEFAULTS[name] != value)))
+                                  for p in SENSITIVITY_PS for rescale in rescales)]
     listed = [Arm("vanilla"), *(Arm("vanilla", (("epochs", str(k * epochs)),)) for k in ks),
               *(Arm("bidrop", (("k", str(k)),)) for k in ks), Arm("childtuning-d"), Arm("dps")]
     return [arm for arm in listed if arm == Arm("vanilla") or arm.strategy in strategies]
@@ -278,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"the strategies table's arms besides vanilla: any of {', '.join(STUDIED)}")
     parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
                         help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
+    parser.add_argument("--rescales", nargs="+", default=["off", "on"], choices=("off", "on"),
+                        help="the sensitivity table's rescale settings (under AdamW, rescale=on changes an "
+                             "update only through eps: `on` alone checks that)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP threads per run (default: the CPU cores / --jobs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each run's progress then goes to its log)")
@@ -287,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
     tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
-    runs = plan(tasks, arms(args.table, args.epochs, args.ks, args.strategies), args.lrs, args.seeds, args.epochs)
+    runs = plan(tasks, arms(args.table, args.epochs, args.ks, args.strategies, args.rescales), args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0", "--jobs", str(args.jobs),

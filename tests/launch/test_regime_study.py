@@ -42,7 +42,12 @@ def test_plan_pairs_seeds_and_gives_vanilla_k_times_the_epochs(study: ModuleType
     assert [run.seed for run in runs][:14] == [0] * 14  # seed by seed: an interrupted study pairs whole seeds
     assert [a.label for a in study.arms("strategies", 3, ks=[2], strategies=["vanilla", "bidrop"])] == [
         "vanilla", "vanilla epochs=6", "bidrop k=2"]
-    assert len(study.arms("sensitivity", 3)) == 1 + 4 * 2
+    sweep = study.arms("sensitivity", 3)
+    assert len(sweep) == 1 + 4 * 2 and len(set(sweep)) == len(sweep)
+    assert study.Arm("bidrop", (("k", "2"),)) in sweep  # p=0.3 without rescale: the strategies table's runs
+    assert [a.label for a in sweep[1:3]] == ["bidrop k=2 p=0.1", "bidrop k=2 p=0.1 rescale=on"]
+    assert [a.label for a in study.arms("sensitivity", 3, rescales=["off"])] == [
+        "vanilla", "bidrop k=2 p=0.1", "bidrop k=2", "bidrop k=2 p=0.5", "bidrop k=2 p=0.7"]
 
 
 def test_lr_is_chosen_on_dev_and_paired_differences_get_t_intervals(study: ModuleType, tmp_path: Path) -> None:
