@@ -148,6 +148,30 @@ def held_elements(model: nn.Module) -> tuple[int, int]:
     return held, total
 
 
+def host_copy(model: nn.Module) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """A host-memory copy of the parameter values this rank holds, for `restore_values`: per
+    parameter (ZeRO-3 partition, gathered tensor): a ZeRO-3 parameter keeps its partition
+    (`ds_tensor`) and, while gathered (persistent small ones stay so), its full tensor too; any other
+    parameter is its own tensor (None for the partition)."""
+    copy = []
+    for param in model.parameters():
+        partition = getattr(param, "ds_tensor", None)
+        full = param.data if param.data.numel() else None
+        copy.append(tuple(None if t is None else t.detach().to("cpu", copy=True) for t in (partition, full)))
+    return copy
+
+
+@torch.no_grad()
+def restore_values(model: nn.Module, copy: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+    """Write a `host_copy` of the same model back into its parameters (the optimizer's own copies,
+    e.g. ZeRO's fp32 master partitions, are left alone: for evaluating, not for training on)."""
+    for param, (partition, full) in zip(model.parameters(), copy):
+        if partition is not None:
+            param.ds_tensor.copy_(partition)
+        if full is not None and param.data.numel():
+            param.data.copy_(full)
+
+
 def adamw(model: nn.Module, lr: float, weight_decay: float, host_offload: bool = False) -> torch.optim.Optimizer:
     """AdamW with the usual exemption of biases and norm weights (1-D parameters) from weight decay.
     A ZeRO-3 parameter is judged by its full shape (`ds_shape`): its local tensor is an empty 1-D one.

@@ -20,7 +20,10 @@ Your own data instead of --task (`bidrop_ds.data.custom`: formats, label kinds, 
 evaluates dev after every epoch and the held-out sets after the last epoch and after each epoch that
 sets a new best dev score (the only ones reported), and reports, besides the last epoch's held-out
 metrics, those of the epoch with the best dev score (`epoch_history`, `best_dev_epoch`,
-`at_best_dev_epoch` in --output_json). Default 0: no dev split, one evaluation at the end.
+`at_best_dev_epoch` in --output_json). Default 0: no dev split, one evaluation at the end. With
+`--held_out_at end` the held-out sets are evaluated only at the end, once on the last weights and
+once on a host copy of the best-dev epoch's parameters (fewer evaluations; the same numbers).
+Evaluating draws nothing from the training's random streams: how often it runs leaves training alone.
 
 A mistake in the arguments or the data stops the run with one line, `finetune.py: error: ...`
 (exit 2 for arguments, 1 for what loading finds), on every rank alike and without a traceback.
@@ -76,8 +79,8 @@ from bidrop_ds.config import add_config_arguments
 from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, DataSource, TaskSpec, add_data_arguments, collator,
                              compute_metrics, load_custom, load_task, split_batch, tokenize)
 from bidrop_ds.data.tasks import dev_split
-from bidrop_ds.models import (adamw, classifier_config, held_elements, load_classifier, load_tokenizer,
-                              no_dropout_reason, zero3_init)
+from bidrop_ds.models import (adamw, classifier_config, held_elements, host_copy, load_classifier, load_tokenizer,
+                              no_dropout_reason, restore_values, zero3_init)
 
 SUBSET_SEED = 0  # the train/eval subsets are fixed; --train_seed varies only the training
 # gloo reports a vanished or silent peer as a plain RuntimeError ("Connection closed by peer",
@@ -91,6 +94,7 @@ RESUME_SETTINGS = ("task", "glue_dir", "train_size", "bad_rows", "epochs", "batc
                    *(f.name for f in fields(DataSource)))
 DEFAULT_TASK = "vader-movie"
 DEV = "dev"  # the split name of the --dev_size rows (no task has a held-out set of that name)
+HELD_OUT_AT = ("new_best", "end")  # when --dev_size runs evaluate the held-out sets (--held_out_at)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -122,6 +126,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "disjoint from the held-out sets and from the --train_size examples trained on), "
                              "evaluate dev and held-out sets after every epoch, and report the held-out metrics "
                              "at the best-dev epoch besides the last (0: no dev split, one evaluation at the end)")
+    parser.add_argument("--held_out_at", choices=HELD_OUT_AT, default="new_best",
+                        help="with --dev_size: evaluate the held-out sets after each epoch that sets a new best dev "
+                             "score (new_best), or only at the end, on the last weights and on a host copy of the "
+                             "best-dev epoch's parameters kept meanwhile (end: fewer evaluations, one copy of this "
+                             "rank's parameters in host memory, not with --save_dir); the same numbers either way")
     parser.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
                         help="a malformed row in a data file: stop with an error naming file and line, or skip it "
                              "(a warning counts the skipped rows)")
@@ -164,6 +173,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("train_size", "eval_size", "dev_size", "log_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0 (0 means all / none / never), got {getattr(args, name)}")
+    if args.held_out_at == "end" and not args.dev_size:
+        parser.error("--held_out_at end needs a dev split to pick the epoch by (--dev_size N)")
+    if args.held_out_at == "end" and args.save_dir:
+        parser.error("--held_out_at end keeps the best-dev parameters in memory only, which a resumed run would not "
+                     "have: use --held_out_at new_best with --save_dir")
     if not 0 <= args.lr < math.inf:  # 0 is allowed: a run that must not move the weights (evaluation checks)
         parser.error(f"--lr must be a learning rate >= 0, got {args.lr}")
     if not 0 <= args.weight_decay < math.inf:
@@ -489,8 +503,11 @@ def make_loaders(encoded: datasets.DatasetDict, collate, batch_size: int, seed: 
     else:
         train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                   generator=torch.Generator().manual_seed(seed))
+    # each with its own generator: a loader without one draws its workers' seed from the global random
+    # stream on every pass, i.e. from the dropout draws of the training after it
     eval_loaders = {name: DataLoader(split, batch_size=max(1, 2 * batch_size // world),
-                                     sampler=range(rank, len(split), world), collate_fn=collate)
+                                     sampler=range(rank, len(split), world), collate_fn=collate,
+                                     generator=torch.Generator())
                     for name, split in encoded.items() if name != "train"}
     return train_loader, eval_loaders
 
@@ -806,17 +823,22 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
                         client_state={"tag": tag, "loop": loop}, description=settings)
 
     headline = spec.metrics[0]
+    best_copy: list = []  # --held_out_at end: host_copy(model) at the best dev epoch so far
 
     def end_of_epoch(epoch: int, train_loss: float, history: list[dict[str, float]]) -> dict[str, float]:
         """The --dev_size row of `epoch_history` after `epoch` (rank 0's, on every rank): the dev metrics,
-        and the held-out ones only where they can be reported (a new best dev score, or the last epoch)."""
+        and the held-out ones only where they can be reported (a new best dev score, or the last epoch;
+        --held_out_at end: none, a new best's parameters are copied instead)."""
         dev = evaluate(model, {DEV: dev_loader}, spec, device, progress=False)
         row = {"epoch": epoch + 1, "train_loss": train_loss, **{f"{DEV}_{key}": value for key, value in dev.items()}}
         row = _gather_to_all(row)[0]  # every rank decides alike whether the held-out sets run
         score = row[f"{DEV}_{headline}"]
         new_best = not math.isnan(score) and all(
             math.isnan(seen[f"{DEV}_{headline}"]) or score > seen[f"{DEV}_{headline}"] for seen in history)
-        if new_best or epoch + 1 == args.epochs:
+        if args.held_out_at == "end":
+            if new_best and epoch + 1 < args.epochs:
+                best_copy[:] = host_copy(model)
+        elif new_best or epoch + 1 == args.epochs:
             row.update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
         if main_rank:
             held = f" held-out {headline}={row[headline]:.4f}" if headline in row else ""
@@ -830,6 +852,12 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
                         end_of_epoch=end_of_epoch if args.dev_size else None)
     train_stats.update(fisher_batches=fisher_batches, resumed_from=resume_tag)
     history = train_stats["epoch_history"]
+    if args.held_out_at == "end":  # the last weights, then the best dev epoch's if that was earlier
+        history[-1].update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
+        best = best_dev_row(history, headline)
+        if best is not history[-1]:
+            restore_values(model, best_copy)
+            best.update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
     if args.dev_size:  # the last row was evaluated on the final weights
         best = best_dev_row(history, headline)
         eval_stats = held_out_metrics(history[-1])

@@ -26,7 +26,9 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
 - OUT/<table>.md: the command, per arm its chosen lr, held-out and dev scores and, as the
   overfitting evidence, its last-epoch train loss and dev score (against the best-dev one), then
   the paired rows; OUT/<table>_curves.png: mean dev curves of vanilla and Bi-Drop k=2.
-  Arguments after `--` go to every finetune.py run. The full strategies table is 4 tasks x 7 arms
+  Every run evaluates its held-out sets at the end only (finetune.py --held_out_at end: the same
+  numbers as evaluating them at each new best dev epoch, fewer evaluations). Arguments after `--` go
+  to every finetune.py run. The full strategies table is 4 tasks x 7 arms
   x 3 learning rates x 5 seeds = 420 runs: hours of CPU (MiniLM, max length 64, batch 16).
 """
 
@@ -272,6 +274,7 @@ def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    extra = ["--held_out_at", "end", *extra]  # a later --held_out_at of the caller's wins
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", choices=("strategies", "sensitivity"), required=True)
     parser.add_argument("--out", required=True, help="folder of runs/, logs/, the tables and plots")

@@ -66,6 +66,30 @@ def test_own_csv_with_a_dev_split_reports_the_best_dev_and_the_last_epoch(finetu
     assert summary["train_loss_last_epoch"] == last["train_loss"]
 
 
+def test_held_out_at_end_reports_the_numbers_of_evaluating_at_each_new_best(finetune: ModuleType, tiny_model: Path,
+                                                                            tmp_path: Path) -> None:
+    """--held_out_at end evaluates the held-out sets on the last weights and on the restored copy of the
+    best-dev epoch's: the same numbers as evaluating them during training, whose dropout draws the
+    evaluations leave alone (the dev curves agree bit for bit; no --seed: the passes draw from the
+    global random stream, seeded by --train_seed)."""
+    train, test = write_reviews(tmp_path / "reviews.csv", 100), write_reviews(tmp_path / "more.csv", 12)
+    args = ["--model", str(tiny_model), "--train_file", str(train), "--test_file", str(test), "--text_column",
+            "review", "--label_column", "stars", "--train_size", "0", "--dev_size", "16", "--epochs", "4",
+            "--batch_size", "16", "--max_length", "32", "--lr", "3e-3"]
+    during, at_end = (finetune.main([*args, "--held_out_at", when]) for when in ("new_best", "end"))
+    assert during["best_dev_epoch"] == at_end["best_dev_epoch"] < 4  # the copy is what gets evaluated
+    assert at_end["at_best_dev_epoch"] == during["at_best_dev_epoch"] != {
+        key: at_end[key] for key in at_end["at_best_dev_epoch"]}  # not the last weights'
+    for key in ("accuracy", "eval_loss", "test_accuracy", "train_loss_last_epoch"):
+        assert at_end[key] == during[key]
+    dev = [{key: value for key, value in row.items() if key.startswith("dev_") or key == "train_loss"}
+           for row in during["epoch_history"]]
+    assert dev == [{key: value for key, value in row.items() if key.startswith("dev_") or key == "train_loss"}
+                   for row in at_end["epoch_history"]]
+    evaluated = [row["epoch"] for row in at_end["epoch_history"] if "accuracy" in row]
+    assert evaluated == sorted({at_end["best_dev_epoch"], 4})  # the held-out sets ran twice at the end, no more
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nosuch"], "unknown --task 'nosuch': expected one of glue-cola"),
     (["--model", "/missing/path"], "--model /missing/path: no such folder"),
@@ -76,6 +100,8 @@ def test_own_csv_with_a_dev_split_reports_the_best_dev_and_the_last_epoch(finetu
     (["--train_file", "missing.csv"], "--train_file missing.csv: no such file"),
     (["--task", "vader-movie", "--dataset_name", "imdb"], "give --task (and --glue_dir) or your own data"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--held_out_at", "end"], "--held_out_at end needs a dev split to pick the epoch by (--dev_size N)"),
+    (["--held_out_at", "end", "--dev_size", "8", "--save_dir", "ckpt"], "--held_out_at end keeps the best-dev"),
 ])
 def test_launcher_mistakes_are_one_line(finetune: ModuleType, capsys: pytest.CaptureFixture, argv: list[str],
                                         message: str) -> None:

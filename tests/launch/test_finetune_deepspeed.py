@@ -103,6 +103,23 @@ def test_zero3_fp32_held_out_metrics_equal_one_process(finetune: ModuleType, tin
     assert summary["accuracy"] == single["accuracy"]
 
 
+def test_zero3_held_out_at_end_restores_the_best_dev_partitions(tiny_model: Path, vader_cache: Path,
+                                                                tmp_path: Path) -> None:
+    """--held_out_at end on ZeRO-3: the host copy holds each rank's partitions and the gathered
+    persistent parameters (a threshold of 2,000 elements keeps the norms and biases gathered, the
+    matrices partitioned), and restoring it gives the numbers evaluating during training gave."""
+    config = json.loads((ROOT / "ds_configs" / "zero3_fp32.json").read_text())
+    config["zero_optimization"].update(stage3_param_persistence_threshold=2000)
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    args = ["--deepspeed", str(tmp_path / "zero3.json"), *small_run(tiny_model, "--eval_size", EVAL_SIZE,
+                                                                    "--dev_size", "9", "--epochs", "3", "--lr", "1e-3")]
+    during, at_end = (run_ok(tmp_path, *args, "--held_out_at", when) for when in ("new_best", "end"))
+    assert during["best_dev_epoch"] == at_end["best_dev_epoch"] < 3
+    assert at_end["at_best_dev_epoch"] == during["at_best_dev_epoch"]
+    assert at_end["at_best_dev_epoch"]["eval_loss"] != at_end["eval_loss"]  # not the last weights'
+    assert (at_end["accuracy"], at_end["eval_loss"]) == (during["accuracy"], during["eval_loss"])
+
+
 def test_zero3_bf16_reads_the_bidrop_section(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
     config = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
     config["bidrop"] = {"k": 3, "p": 0.5, "seed": 7}  # k is overridden by the --k flag of small_run

@@ -120,3 +120,13 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
         path.write_text(json.dumps(summary([0.1, 0.2], 0.75 if run.strategy == "bidrop" else 0.7)), encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...", tuning=[0])
     assert "(of seeds 0)" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
+
+
+def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's runs get --held_out_at end; flags after `--` follow it (so the caller's win)."""
+    given = []
+    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out: given.append(extra) or [])
+    study.main(["--table", "sensitivity", "--out", str(tmp_path), "--lrs", "2e-5", "--seeds", "0",
+                "--", "--eval_size", "8"])
+    assert given == [["--held_out_at", "end", "--eval_size", "8"]]
