@@ -25,7 +25,7 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
   K x E epochs.
 - OUT/<table>.md: the command, per arm its chosen lr, held-out and dev scores and, as the
   overfitting evidence, its last-epoch train loss and dev score (against the best-dev one), then
-  the paired rows; OUT/<table>_curves.png: mean dev curves of vanilla and Bi-Drop k=2.
+  the paired rows; OUT/<table>_curves.png: mean dev curves of vanilla and the Bi-Drop arms.
   Every run evaluates its held-out sets at the end only (finetune.py --held_out_at end: the same
   numbers as evaluating them at each new best dev epoch, fewer evaluations). Arguments after `--` go
   to every finetune.py run. The full strategies table is 4 tasks x 7 arms
@@ -164,9 +164,11 @@ def remaining_runs(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path,
 
 def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epochs: int,
                 at: str = "best_dev") -> list[dict[str, Any]]:
-    """One row per (task, non-baseline arm [, equal compute]) against vanilla: the per-seed held-out
-    differences x 100 over the seeds both finished, at each run's best-dev epoch (`at="last"`: at
-    the last epoch, the setting then ending in ", last epoch")."""
+    """One row per (task, non-baseline arm, baseline): each arm against vanilla and, for Bi-Drop, also
+    against vanilla at k x `epochs` (`equal compute`) and, for a swept p or rescale, against Bi-Drop
+    k at its defaults (`defaults`), where the table has them: the per-seed held-out differences x 100
+    over the seeds both finished, at each run's best-dev epoch (`at="last"`: at the last epoch, the
+    setting then ending in ", last epoch")."""
     rows = []
     for (task, arm), (lr, by_seed) in picked.items():
         if arm == Arm("vanilla"):
@@ -175,6 +177,8 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
         k = dict(arm.settings).get("k")
         if arm.strategy == "bidrop" and k:  # vanilla given k x the epochs, if the table has it
             baselines.append(("equal compute", Arm("vanilla", (("epochs", str(int(k) * epochs)),))))
+        if arm.strategy == "bidrop" and set(dict(arm.settings)) - {"k"}:  # a swept p / rescale: vs the defaults
+            baselines.append(("defaults", Arm("bidrop", (("k", k),))))
         for note, baseline in baselines:
             if (task, baseline) not in picked:
                 continue
@@ -246,7 +250,8 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], path: Path) -> None:
-    """Per task, the mean dev curve over seeds of vanilla and Bi-Drop k=2, each at its chosen lr."""
+    """Per task, the mean dev curve over seeds of vanilla (at --epochs) and of each Bi-Drop arm, each at
+    its chosen lr."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +260,7 @@ def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], 
     tasks = list(dict.fromkeys(task for task, _ in picked))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        for arm in (Arm("vanilla"), Arm("bidrop", (("k", "2"),))):
+        for arm in [Arm("vanilla"), *(arm for seen, arm in picked if seen == task and arm.strategy == "bidrop")]:
             if (task, arm) not in picked:
                 continue
             lr, by_seed = picked[task, arm]

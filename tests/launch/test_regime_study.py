@@ -130,3 +130,22 @@ def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Pa
     study.main(["--table", "sensitivity", "--out", str(tmp_path), "--lrs", "2e-5", "--seeds", "0",
                 "--", "--eval_size", "8"])
     assert given == [["--held_out_at", "end", "--eval_size", "8"]]
+
+
+def test_a_swept_p_is_also_paired_with_bidrop_at_its_defaults(study: ModuleType, tmp_path: Path) -> None:
+    arms = study.arms("sensitivity", 2, rescales=["off"])
+    runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5"], [0, 1], 2)
+    held = {"vanilla": (0.70, 0.72), "bidrop k=2": (0.71, 0.70), "bidrop k=2 p=0.5": (0.74, 0.71)}
+    for run, (_, arm, _) in runs.items():
+        if arm.label in held:
+            path = study.run_suite.result_path(tmp_path, run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary([0.6, 0.7], held[arm.label][run.seed])), encoding="utf-8")
+    study.report(runs, tmp_path, "sensitivity", 2, "python launch/regime_study.py ...")
+    with open(tmp_path / "sensitivity_paired.csv", encoding="utf-8") as handle:
+        rows = {row["setting"]: row for row in csv.DictReader(handle)}
+    assert not (tmp_path / "paired.csv").exists()  # the strategies table's name
+    assert float(rows["k=2 p=0.5"]["mean_diff"]) == pytest.approx(1.5)  # vs vanilla: +4, -1
+    defaults = rows["k=2 p=0.5 (defaults: vs bidrop k=2)"]  # +3, +1
+    assert (float(defaults["mean_diff"]), defaults["wins"]) == (pytest.approx(2.0), "2")
+    assert "k=2 (defaults: vs bidrop k=2)" not in rows and "k=2" in rows  # the default arm: vs vanilla only
