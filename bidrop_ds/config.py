@@ -41,7 +41,9 @@ class BiDropConfig:
     p: float = field(default=0.3, metadata={
         "help": "fraction of eligible elements updated each step (dps: of each parameter), in (0, 1]"})
     score: str = field(default="product", metadata={"help": f"element score: one of {', '.join(SCORES)}"})
-    rescale: bool = field(default=False, metadata={"help": "divide the kept gradient of eligible elements by p (when a mask applies: k > 1 and p < 1)"})
+    rescale: bool = field(default=False, metadata={
+        "help": "divide the kept gradient of eligible elements by p (when a mask applies: k > 1 and p < 1); under "
+                "Adam/AdamW the factor cancels in the update except through the optimizer's eps"})
     eps: float = field(default=1e-8, metadata={"help": "stabiliser in the score denominators, > 0"})
     include: tuple[str, ...] = field(
         default=DEFAULT_INCLUDE,

@@ -116,10 +116,18 @@ def dev_score(summary: dict[str, Any]) -> float:
     return row[f"dev_{summary['headline_metric']}"]
 
 
-def held_out_score(summary: dict[str, Any], at: str = "best_dev") -> float:
-    """The headline held-out metric at the run's best-dev epoch (`at="last"`: at its last epoch)."""
+def held_out_score(summary: dict[str, Any], at: str = "best_dev", held_out: str | None = None) -> float:
+    """The headline metric on a held-out set (None: the first, the task's headline set) at the run's
+    best-dev epoch (`at="last"`: at its last epoch)."""
     scores = summary if at == "last" else summary["at_best_dev_epoch"]
-    return scores[summary["headline_metric"]]
+    first = next(iter(summary.get("eval_sets", {None: 0})))
+    prefix = "" if held_out in (None, first) else f"{held_out}_"
+    return scores[prefix + summary["headline_metric"]]
+
+
+def held_out_sets(summary: dict[str, Any]) -> list[str | None]:
+    """The held-out sets of a run, the headline one first (None for a summary that names none)."""
+    return list(summary.get("eval_sets", {None: 0}))
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -168,7 +176,8 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
     against vanilla at k x `epochs` (`equal compute`) and, for a swept p or rescale, against Bi-Drop
     k at its defaults (`defaults`), where the table has them: the per-seed held-out differences x 100
     over the seeds both finished, at each run's best-dev epoch (`at="last"`: at the last epoch, the
-    setting then ending in ", last epoch")."""
+    setting then ending in ", last epoch"). A task with several held-out sets (vader-transfer: the
+    in-domain one, then other domains) gets the rows of each further set as task `TASK / SET`."""
     rows = []
     for (task, arm), (lr, by_seed) in picked.items():
         if arm == Arm("vanilla"):
@@ -186,14 +195,16 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
             seeds = sorted(set(by_seed) & set(base))
             if not seeds:
                 continue
-            diffs = [100 * (held_out_score(by_seed[s], at) - held_out_score(base[s], at)) for s in seeds]
-            mean, low, high = t_interval(diffs)
             setting = " ".join(f"{key}={value}" for key, value in arm.settings) or "-"
             setting += f" ({note}: vs {baseline.label})" if note else ""
             setting += ", last epoch" if at == "last" else ""
-            rows.append({"task": task, "strategy": arm.strategy, "setting": setting, "n": len(seeds),
-                         "mean_diff": round(mean, 3), "ci_low": round(low, 3), "ci_high": round(high, 3),
-                         "wins": sum(d > 0 for d in diffs)})
+            for position, held_out in enumerate(held_out_sets(by_seed[seeds[0]])):
+                diffs = [100 * (held_out_score(by_seed[s], at, held_out) - held_out_score(base[s], at, held_out))
+                         for s in seeds]
+                mean, low, high = t_interval(diffs)
+                rows.append({"task": f"{task} / {held_out}" if position else task, "strategy": arm.strategy,
+                             "setting": setting, "n": len(seeds), "mean_diff": round(mean, 3),
+                             "ci_low": round(low, 3), "ci_high": round(high, 3), "wins": sum(d > 0 for d in diffs)})
     return rows
 
 

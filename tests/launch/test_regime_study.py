@@ -149,3 +149,18 @@ def test_a_swept_p_is_also_paired_with_bidrop_at_its_defaults(study: ModuleType,
     defaults = rows["k=2 p=0.5 (defaults: vs bidrop k=2)"]  # +3, +1
     assert (float(defaults["mean_diff"]), defaults["wins"]) == (pytest.approx(2.0), "2")
     assert "k=2 (defaults: vs bidrop k=2)" not in rows and "k=2" in rows  # the default arm: vs vanilla only
+
+
+def test_each_further_held_out_set_gets_its_own_paired_rows(study: ModuleType) -> None:
+    """vader-transfer's out-of-domain sets: rows `TASK / SET`, from the prefixed keys of each summary."""
+    def run(movie: float, tweets: float) -> dict:
+        scores = {"accuracy": movie, "tweets_accuracy": tweets}
+        return {"headline_metric": "accuracy", "eval_sets": {"movie": 9, "tweets": 9},
+                "at_best_dev_epoch": scores, **{key: value - 0.01 for key, value in scores.items()}}
+    picked = {("vader-transfer", study.Arm("vanilla")): ("2e-5", {0: run(0.80, 0.60), 1: run(0.82, 0.62)}),
+              ("vader-transfer", study.Arm("dps")): ("2e-5", {0: run(0.81, 0.65), 1: run(0.80, 0.66)})}
+    rows = {(row["task"], row["setting"]): row for row in study.paired_rows(picked, 2)}
+    assert set(rows) == {("vader-transfer", "-"), ("vader-transfer / tweets", "-")}
+    assert rows["vader-transfer", "-"]["mean_diff"] == pytest.approx(-0.5)  # +1, -2
+    assert (rows["vader-transfer / tweets", "-"]["mean_diff"], rows["vader-transfer / tweets", "-"]["wins"]) == (
+        pytest.approx(4.5), 2)
