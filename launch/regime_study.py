@@ -300,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lrs", nargs="+", default=list(LRS), help="the learning rates each arm is run at")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of every arm but vanilla's equal-compute ones")
     parser.add_argument("--strategies", nargs="+", default=list(STUDIED), choices=STUDIED, metavar="NAME",
-                        help=f"the strategies table's arms besides vanilla: any of {', '.join(STUDIED)}")
+                        help=f"the strategies table's arms besides vanilla at --epochs: any of {', '.join(STUDIED)} "
+                             "(vanilla: its equal-compute arms at k x --epochs)")
     parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
                         help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
     parser.add_argument("--rescales", nargs="+", default=["off", "on"], choices=("off", "on"),
