@@ -174,7 +174,8 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
                 at: str = "best_dev") -> list[dict[str, Any]]:
     """One row per (task, non-baseline arm, baseline): each arm against vanilla and, for Bi-Drop, also
     against vanilla at k x `epochs` (`equal compute`) and, for a swept p or rescale, against Bi-Drop
-    k at its defaults (`defaults`), where the table has them: the per-seed held-out differences x 100
+    k at its defaults (`defaults`) and, with rescale on at another p, against that p without it
+    (`rescale off`), where the table has them: the per-seed held-out differences x 100
     over the seeds both finished, at each run's best-dev epoch (`at="last"`: at the last epoch, the
     setting then ending in ", last epoch"). A task with several held-out sets (vader-transfer: the
     in-domain one, then other domains) gets the rows of each further set as task `TASK / SET`."""
@@ -188,6 +189,9 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
             baselines.append(("equal compute", Arm("vanilla", (("epochs", str(int(k) * epochs)),))))
         if arm.strategy == "bidrop" and set(dict(arm.settings)) - {"k"}:  # a swept p / rescale: vs the defaults
             baselines.append(("defaults", Arm("bidrop", (("k", k),))))
+            without = Arm("bidrop", tuple(item for item in arm.settings if item != ("rescale", "on")))
+            if without not in (arm, baselines[-1][1]):  # rescale on at a swept p: vs the same p without it
+                baselines.append(("rescale off", without))
         for note, baseline in baselines:
             if (task, baseline) not in picked:
                 continue
@@ -269,7 +273,7 @@ def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], 
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(task for task, _ in picked))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         for arm in [Arm("vanilla"), *(arm for seen, arm in picked if seen == task and arm.strategy == "bidrop")]:
             if (task, arm) not in picked:
@@ -277,11 +281,11 @@ def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], 
             lr, by_seed = picked[task, arm]
             curves = [[row[f"dev_{s['headline_metric']}"] for row in s["epoch_history"]] for s in by_seed.values()]
             mean = [statistics.fmean(values) for values in zip(*curves)]
-            ax.plot(range(1, len(mean) + 1), mean, marker="o", label=f"{arm.label} (lr {lr})")
+            ax.plot(range(1, len(mean) + 1), mean, marker="o", label=f"{arm.label} (lr {lr}, n={len(curves)})")
         ax.set_title(task)
         ax.set_xlabel("epoch")
         ax.set_ylabel("dev score (mean over seeds)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -133,9 +133,10 @@ def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Pa
 
 
 def test_a_swept_p_is_also_paired_with_bidrop_at_its_defaults(study: ModuleType, tmp_path: Path) -> None:
-    arms = study.arms("sensitivity", 2, rescales=["off"])
+    arms = study.arms("sensitivity", 2)
     runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5"], [0, 1], 2)
-    held = {"vanilla": (0.70, 0.72), "bidrop k=2": (0.71, 0.70), "bidrop k=2 p=0.5": (0.74, 0.71)}
+    held = {"vanilla": (0.70, 0.72), "bidrop k=2": (0.71, 0.70), "bidrop k=2 p=0.5": (0.74, 0.71),
+            "bidrop k=2 p=0.5 rescale=on": (0.75, 0.71), "bidrop k=2 rescale=on": (0.71, 0.71)}
     for run, (_, arm, _) in runs.items():
         if arm.label in held:
             path = study.run_suite.result_path(tmp_path, run)
@@ -149,6 +150,9 @@ def test_a_swept_p_is_also_paired_with_bidrop_at_its_defaults(study: ModuleType,
     defaults = rows["k=2 p=0.5 (defaults: vs bidrop k=2)"]  # +3, +1
     assert (float(defaults["mean_diff"]), defaults["wins"]) == (pytest.approx(2.0), "2")
     assert "k=2 (defaults: vs bidrop k=2)" not in rows and "k=2" in rows  # the default arm: vs vanilla only
+    assert float(rows["k=2 p=0.5 rescale=on (rescale off: vs bidrop k=2 p=0.5)"]["mean_diff"]) == pytest.approx(0.5)
+    assert float(rows["k=2 rescale=on (defaults: vs bidrop k=2)"]["mean_diff"]) == pytest.approx(0.5)
+    assert not any(setting.startswith("k=2 rescale=on (rescale off") for setting in rows)  # the same baseline
 
 
 def test_each_further_held_out_set_gets_its_own_paired_rows(study: ModuleType) -> None:
