@@ -120,8 +120,7 @@ def held_out_score(summary: dict[str, Any], at: str = "best_dev", held_out: str 
     """The headline metric on a held-out set (None: the first, the task's headline set) at the run's
     best-dev epoch (`at="last"`: at its last epoch)."""
     scores = summary if at == "last" else summary["at_best_dev_epoch"]
-    first = next(iter(summary.get("eval_sets", {None: 0})))
-    prefix = "" if held_out in (None, first) else f"{held_out}_"
+    prefix = "" if held_out in (None, held_out_sets(summary)[0]) else f"{held_out}_"
     return scores[prefix + summary["headline_metric"]]
 
 
