@@ -825,6 +825,10 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
     headline = spec.metrics[0]
     best_copy: list = []  # --held_out_at end: host_copy(model) at the best dev epoch so far
 
+    def held_out_row() -> dict[str, float]:
+        """The held-out sets' metrics on the current weights (rank 0's, on every rank)."""
+        return _gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0]
+
     def end_of_epoch(epoch: int, train_loss: float, history: list[dict[str, float]]) -> dict[str, float]:
         """The --dev_size row of `epoch_history` after `epoch` (rank 0's, on every rank): the dev metrics,
         and the held-out ones only where they can be reported (a new best dev score, or the last epoch;
@@ -839,7 +843,7 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
             if new_best and epoch + 1 < args.epochs:
                 best_copy[:] = host_copy(model)
         elif new_best or epoch + 1 == args.epochs:
-            row.update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
+            row.update(held_out_row())
         if main_rank:
             held = f" held-out {headline}={row[headline]:.4f}" if headline in row else ""
             print(f"epoch {epoch + 1}/{args.epochs}: train_loss={train_loss:.4f} dev {headline}={score:.4f}{held}",
@@ -852,14 +856,13 @@ def run(args: argparse.Namespace, config: BiDropConfig, ds_config: dict[str, Any
                         end_of_epoch=end_of_epoch if args.dev_size else None)
     train_stats.update(fisher_batches=fisher_batches, resumed_from=resume_tag)
     history = train_stats["epoch_history"]
-    if args.held_out_at == "end":  # the last weights, then the best dev epoch's if that was earlier
-        history[-1].update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
+    if args.dev_size:  # the last row holds (or gets) the held-out metrics of the final weights
         best = best_dev_row(history, headline)
-        if best is not history[-1]:
-            restore_values(model, best_copy)
-            best.update(_gather_to_all(evaluate(model, eval_loaders, spec, device, progress=False))[0])
-    if args.dev_size:  # the last row was evaluated on the final weights
-        best = best_dev_row(history, headline)
+        if args.held_out_at == "end":  # the last weights, then the best dev epoch's if that was earlier
+            history[-1].update(held_out_row())
+            if best is not history[-1]:
+                restore_values(model, best_copy)
+                best.update(held_out_row())
         eval_stats = held_out_metrics(history[-1])
         train_stats.update(best_dev_epoch=best["epoch"], at_best_dev_epoch=held_out_metrics(best))
     else:

@@ -308,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=list(BIDROP_KS),
                         help="Bi-Drop's k values in the strategies table (vanilla also runs at k x --epochs)")
     parser.add_argument("--rescales", nargs="+", default=["off", "on"], choices=("off", "on"),
-                        help="the sensitivity table's rescale settings (under AdamW, rescale=on changes an "
-                             "update only through eps: `on` alone checks that)")
+                        help="the sensitivity table's rescale settings (under AdamW rescale=on changes an update "
+                             "only through eps, so a seed or two of it is a check, not a sweep)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP threads per run (default: the CPU cores / --jobs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each run's progress then goes to its log)")
@@ -319,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
     tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
-    runs = plan(tasks, arms(args.table, args.epochs, args.ks, args.strategies, args.rescales), args.lrs, args.seeds, args.epochs)
+    arm_list = arms(args.table, args.epochs, args.ks, args.strategies, args.rescales)
+    runs = plan(tasks, arm_list, args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0", "--jobs", str(args.jobs),
