@@ -28,8 +28,10 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
   the paired rows; OUT/<table>_curves.png: mean dev curves of vanilla and the Bi-Drop arms.
   Every run evaluates its held-out sets at the end only (finetune.py --held_out_at end: the same
   numbers as evaluating them at each new best dev epoch, fewer evaluations). Arguments after `--` go
-  to every finetune.py run. The full strategies table is 4 tasks x 7 arms
-  x 3 learning rates x 5 seeds = 420 runs: hours of CPU (MiniLM, max length 64, batch 16).
+  to every finetune.py run. A command for a part of a table (`--tasks`, `--strategies`, `--ks`,
+  `--rescales`) runs that part only, but its tables cover every finished run of the table under OUT
+  (at --lrs and --seeds). The full strategies table is 4 tasks x 7 arms x 3 learning rates x 5 seeds
+  = 420 runs: hours of CPU (MiniLM, max length 64, batch 16).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ TASKS: dict[str, dict[str, str]] = {
 }
 # the sweep's task: the smallest, whose vanilla and default Bi-Drop runs the strategies table already holds
 SENSITIVITY_TASK = "vader-movie-lowres-250"
+TABLE_TASKS = {"strategies": list(TASKS), "sensitivity": [SENSITIVITY_TASK]}
 SENSITIVITY_PS = ("0.1", "0.3", "0.5", "0.7")
 DEFAULTS = {"p": "0.3", "rescale": "off"}  # BiDropConfig's: an arm at them is the strategies table's bidrop k=2
 BIDROP_KS = (2, 4)
@@ -140,11 +143,13 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict[run_suite.Run, tuple[str, Arm, str]],
-           tuning: Sequence[int] | None = None) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
+           tuning: Sequence[int] | None = None,
+           settled_only: bool = False) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
     """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over the tuning
     seeds (None: every seed) that every planned lr of the arm has finished, the first of --lrs on a
     tie; with every seed tuning, the seeds so compared, else every seed finished at that lr. Arms
-    with no such seed are absent."""
+    with no such seed are absent; with `settled_only`, so are arms whose tuning seeds have not all
+    finished every lr (their choice may still change)."""
     finished: dict[tuple[str, Arm], set[int]] = {}
     for task, arm, lr in set(planned.values()):
         done = {seed for seed in summaries.get((task, arm, lr), {}) if tuning is None or seed in tuning}
@@ -152,7 +157,7 @@ def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict
     best: dict[tuple[str, Arm], tuple[float, str, dict[int, dict]]] = {}
     for (task, arm, lr), by_seed in summaries.items():
         seeds = sorted(finished.get((task, arm), ()))
-        if not seeds:
+        if not seeds or (settled_only and tuning is not None and set(seeds) != set(tuning)):
             continue
         score = statistics.fmean(dev_score(by_seed[seed]) for seed in seeds)
         if (task, arm) not in best or score > best[task, arm][0]:
@@ -163,9 +168,9 @@ def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict
 def remaining_runs(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path,
                    tuning: Sequence[int]) -> list[run_suite.Run]:
     """The runs of the seeds outside `tuning`, each arm at the lr its tuning seeds chose (arms whose
-    tuning runs are not all finished have none yet)."""
+    tuning runs are not all finished, e.g. one failed, have none yet)."""
     tuned = {run: key for run, key in runs.items() if run.seed in tuning}
-    picked = chosen(collect(tuned, out), tuned, tuning)
+    picked = chosen(collect(tuned, out), tuned, tuning, settled_only=True)
     return [run for run, (task, arm, lr) in runs.items()
             if run.seed not in tuning and (task, arm) in picked and picked[task, arm][0] == lr]
 
@@ -225,7 +230,9 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
            command_line: str, tuning: Sequence[int] | None = None) -> str:
     """Write OUT/<table>_paired.csv (and OUT/paired.csv for the strategies table), OUT/<table>.md and
     the dev curves; return the markdown. `tuning`: the seeds the lr is chosen on (None: all)."""
-    picked = chosen(collect(runs, out), runs, tuning)
+    summaries = collect(runs, out)
+    picked = chosen(summaries, runs, tuning)
+    settled = chosen(summaries, runs, tuning, settled_only=True)
     if not picked:
         return "regime_study: no finished run to report\n"
     paired = paired_rows(picked, epochs) + paired_rows(picked, epochs, at="last")
@@ -235,10 +242,13 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
                                                         "ci_high", "wins"])
             writer.writeheader()
             writer.writerows(paired)
-    lines = [f"# Regime study: {table}", "", f"Command: `{command_line}`", "",
+    lines = [f"# Regime study: {table}", "", f"Command (the whole table, resumable): `{command_line}`; the rows "
+             "below are its runs finished so far (tables from a part of it, e.g. `--tasks` or `--strategies`, "
+             "still hold every finished run).", "",
              "Held-out headline metric x 100 at each run's best-dev epoch (mean ± std over seeds), the learning "
              "rate chosen on the dev split (" + (f"of seeds {', '.join(map(str, tuning))}" if tuning else "of every seed")
-             + "), and the paired difference to vanilla (95% t-interval, seeds won); the rows ending in "
+             + "; `provisional`: not every tuning run finished yet), and the paired difference to vanilla (95% "
+             "t-interval, seeds won); the rows ending in "
              "`last epoch` compare the held-out metric at the last epoch instead.", "",
              "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev | held-out, last epoch |",
              "|---|---|---|---|---|---|---|"]
@@ -248,7 +258,8 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
         dev = [100 * dev_score(s) for s in by_seed.values()]
         last_dev = [100 * s["epoch_history"][-1][f"dev_{s['headline_metric']}"] for s in by_seed.values()]
         loss = [s["epoch_history"][-1]["train_loss"] for s in by_seed.values()]
-        lines.append(f"| {task} | {arm.label} | {lr} | {_mean_std(held)} (n={len(held)}) | {_mean_std(dev)} | "
+        lines.append(f"| {task} | {arm.label} | {lr if (task, arm) in settled else lr + ' (provisional)'} | "
+                     f"{_mean_std(held)} (n={len(held)}) | {_mean_std(dev)} | "
                      f"{statistics.fmean(loss):.4f}, {statistics.fmean(last_dev):.2f} | {_mean_std(held_last)} |")
     lines += ["", "| task | strategy | setting | n | mean diff | 95% CI | wins |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['strategy']} | {r['setting']} | {r['n']} | {r['mean_diff']:.2f} | "
@@ -292,8 +303,8 @@ def plot_dev_curves(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    extra = ["--held_out_at", "end", *extra]  # a later --held_out_at of the caller's wins
+    own, caller = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    extra = ["--held_out_at", "end", *caller]  # a later --held_out_at of the caller's wins
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", choices=("strategies", "sensitivity"), required=True)
     parser.add_argument("--out", required=True, help="folder of runs/, logs/, the tables and plots")
@@ -318,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "then run at the chosen lr only (default: every seed runs every lr)")
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
-    tasks = args.tasks or (list(TASKS) if args.table == "strategies" else [SENSITIVITY_TASK])
+    tasks = args.tasks or TABLE_TASKS[args.table]
     arm_list = arms(args.table, args.epochs, args.ks, args.strategies, args.rescales)
     runs = plan(tasks, arm_list, args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
@@ -332,8 +343,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = run_suite.execute(first, suite_args, extra, out)
         if tuning is not None:
             failed += run_suite.execute(remaining_runs(runs, out, tuning), suite_args, extra, out)
-    command_line = "python launch/regime_study.py " + " ".join(a for a in argv if a != "--report_only")
-    return run_suite.finish("regime_study", report(runs, out, args.table, args.epochs, command_line, tuning), failed)
+    # the tables hold every finished run of the table's tasks and arms under OUT (at --lrs, --seeds): a
+    # narrower command (one task, one strategy) adds its rows instead of overwriting the others
+    whole = plan(TABLE_TASKS[args.table], arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)
+    return run_suite.finish("regime_study", report(whole, out, args.table, args.epochs,
+                                                            table_command(args, caller), tuning),
+                            failed)
+
+
+def table_command(args: argparse.Namespace, run_args: Sequence[str]) -> str:
+    """The command that makes (and resumes) a whole table with these runs' protocol; `run_args`: the
+    caller's arguments for every finetune.py run."""
+    tuning = f" --lr_seeds {args.lr_seeds}" if args.lr_seeds is not None else ""
+    tail = f" -- {' '.join(run_args)}" if run_args else ""
+    return (f"python launch/regime_study.py --table {args.table} --out {args.out} --epochs {args.epochs} "
+            f"--lrs {' '.join(args.lrs)} --seeds {' '.join(map(str, args.seeds))}{tuning}{tail}")
 
 
 if __name__ == "__main__":

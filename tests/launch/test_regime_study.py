@@ -111,6 +111,9 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
             path = study.run_suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary(dev[arm.label, lr], 0.7)), encoding="utf-8")
+    assert study.remaining_runs(runs, tmp_path, [0, 1]) == []  # seed 1 may still change the choice
+    text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...", tuning=[0, 1])
+    assert "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 (provisional) | 70.00 ± 0.00 (n=1) |" in text
     later = study.remaining_runs(runs, tmp_path, [0])
     assert sorted((run.seed, run.strategy, dict(run.variant)["lr"]) for run in later) == [
         (1, "bidrop", "1e-4"), (1, "vanilla", "2e-5"), (2, "bidrop", "1e-4"), (2, "vanilla", "2e-5")]
@@ -119,7 +122,7 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary([0.1, 0.2], 0.75 if run.strategy == "bidrop" else 0.7)), encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...", tuning=[0])
-    assert "(of seeds 0)" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
+    assert "(of seeds 0;" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
 
 
 def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Path,
@@ -168,3 +171,26 @@ def test_each_further_held_out_set_gets_its_own_paired_rows(study: ModuleType) -
     assert rows["vader-transfer", "-"]["mean_diff"] == pytest.approx(-0.5)  # +1, -2
     assert (rows["vader-transfer / tweets", "-"]["mean_diff"], rows["vader-transfer / tweets", "-"]["wins"]) == (
         pytest.approx(4.5), 2)
+
+
+def test_a_command_for_part_of_a_table_keeps_the_rest_of_it(study: ModuleType, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tasks / --strategies narrow what runs, not the tables: runs of other tasks and arms stay in them."""
+    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out: [])
+    arms = [study.Arm("vanilla"), study.Arm("dps"), study.Arm("bidrop", (("k", "2"),))]
+    for run, (task, arm, _) in study.plan(["vader-movie-lowres-250", "vader-transfer"], arms, ["2e-5"], [0, 1],
+                                          3).items():
+        if (task, arm.strategy) != ("vader-transfer", "dps"):
+            path = study.run_suite.result_path(tmp_path, run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary([0.6, 0.7, 0.65], 0.7 + 0.01 * (arm.strategy != "vanilla"))),
+                            encoding="utf-8")
+    study.main(["--table", "strategies", "--out", str(tmp_path), "--tasks", "vader-transfer", "--strategies",
+                "bidrop", "--ks", "2", "--lrs", "2e-5", "--seeds", "0", "1", "--epochs", "3", "--report_only",
+                "--", "--max_length", "32"])
+    with open(tmp_path / "paired.csv", encoding="utf-8") as handle:
+        rows = {(row["task"], row["strategy"], row["setting"]) for row in csv.DictReader(handle)}
+    assert {("vader-movie-lowres-250", "dps", "-"), ("vader-movie-lowres-250", "bidrop", "k=2"),
+            ("vader-transfer", "bidrop", "k=2")} <= rows
+    text = (tmp_path / "strategies.md").read_text(encoding="utf-8")
+    assert f"`python launch/regime_study.py --table strategies --out {tmp_path} --epochs 3 --lrs 2e-5 --seeds 0 1 -- --max_length 32`" in text
