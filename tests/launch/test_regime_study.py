@@ -193,4 +193,5 @@ def test_a_command_for_part_of_a_table_keeps_the_rest_of_it(study: ModuleType, t
     assert {("vader-movie-lowres-250", "dps", "-"), ("vader-movie-lowres-250", "bidrop", "k=2"),
             ("vader-transfer", "bidrop", "k=2")} <= rows
     text = (tmp_path / "strategies.md").read_text(encoding="utf-8")
-    assert f"`python launch/regime_study.py --table strategies --out {tmp_path} --epochs 3 --lrs 2e-5 --seeds 0 1 -- --max_length 32`" in text
+    assert (f"`python launch/regime_study.py --table strategies --out {tmp_path} --epochs 3 --lrs 2e-5 --seeds 0 1 "
+            "-- --max_length 32`") in text
