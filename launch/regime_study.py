@@ -346,9 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the tables hold every finished run of the table's tasks and arms under OUT (at --lrs, --seeds): a
     # narrower command (one task, one strategy) adds its rows instead of overwriting the others
     whole = plan(TABLE_TASKS[args.table], arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)
-    return run_suite.finish("regime_study", report(whole, out, args.table, args.epochs,
-                                                            table_command(args, caller), tuning),
-                            failed)
+    text = report(whole, out, args.table, args.epochs, table_command(args, caller), tuning)
+    return run_suite.finish("regime_study", text, failed)
 
 
 def table_command(args: argparse.Namespace, run_args: Sequence[str]) -> str:
