@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -69,6 +70,23 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one (setup, mode) job: build, train a few steps, report memory as JSON."""
     import torch
     import torch.distributed as dist
+
+    from bidrop_ds.comm import close_process_group
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    row = measure(args)  # destroys its engine; its references die on return
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(rows))
+    close_process_group()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's memory row of the job: build the model and engine, train a few steps, read the bytes."""
+    import torch
+    import torch.distributed as dist
     import deepspeed
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
@@ -76,8 +94,6 @@ def worker(args: argparse.Namespace) -> None:
     from bidrop_ds import BiDrop, BiDropConfig
     from bidrop_ds.models import adamw, held_elements, zero3_init
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = ds_config(args.setup, world)
     offload = "offload_optimizer" in config["zero_optimization"]
@@ -111,13 +127,8 @@ def worker(args: argparse.Namespace) -> None:
            "param_bytes": _storage_bytes(params, seen), "master_bytes": _storage_bytes(masters, seen),
            "optimizer_bytes": _storage_bytes(state, seen), "grad_bytes": _storage_bytes(grads, seen),
            "bidrop_bytes": bidrop.memory_bytes(), "statistics_device": str(bidrop.stats.device)}
-    rows = [None] * world
-    dist.all_gather_object(rows, row)
-    if rank == 0:
-        Path(args.out).write_text(json.dumps(rows))
     engine.destroy()
-    dist.barrier()
-    dist.destroy_process_group()
+    return row
 
 
 def run_job(args: argparse.Namespace, setup: str, mode: str, out: Path) -> list[dict]:

@@ -86,43 +86,52 @@ class NaiveBiDrop:
 
 
 def _check() -> None:
-    """One naive step against one plugin step on twin engines (same init, batch and dropout)."""
+    """One naive step against one plugin step on twin engines (same init, batch and dropout), ZeRO-2 and 3."""
+    import deepspeed
+
+    from bidrop_ds.comm import close_process_group
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in (2, 3):
+        _check_stage(stage)  # destroys its engines; their references die on return
+    close_process_group()
+
+
+def _check_stage(stage: int) -> None:
+    """Rank 0 prints the largest parameter difference after one step of each twin under ZeRO-`stage`."""
     import deepspeed
     import torch.distributed as dist
     from transformers import BertConfig, BertForSequenceClassification
 
     from bidrop_ds import BiDrop
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    for stage in (2, 3):
-        engines = []
-        for _ in range(2):
-            torch.manual_seed(0)
-            model = BertForSequenceClassification(BertConfig(
-                vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=128, max_position_embeddings=64, num_labels=2))
-            config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                      "train_batch_size": 4 * dist.get_world_size(), "zero_optimization": {"stage": stage},
-                      "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-            engine, *_ = deepspeed.initialize(model=model, config=config,
-                                              optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
-            engines.append(engine)
-        g = torch.Generator().manual_seed(dist.get_rank())
-        batch = {"input_ids": torch.randint(0, 512, (4, 16), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
-        plugin, naive = BiDrop(engines[0], config=BiDropConfig(k=2, p=0.3)), NaiveBiDrop(engines[1], BiDropConfig(k=2, p=0.3))
-        torch.manual_seed(123 + dist.get_rank())
-        plugin.step(batch)
-        torch.manual_seed(123 + dist.get_rank())
-        naive.step(batch)
-        worst = 0.0
-        for (name, a), (_, b) in zip(engines[0].module.named_parameters(), engines[1].module.named_parameters()):
-            wa, wb = safe_get_full_fp32_param(a), safe_get_full_fp32_param(b)
-            worst = max(worst, (wa - wb).abs().max().item())
-        if dist.get_rank() == 0:
-            print(f"ZeRO-{stage}: max |plugin - naive| over parameters after one step (SGD lr 1): {worst:.3g}")
-        for engine in engines:
-            engine.destroy()
-    dist.destroy_process_group()
+    engines = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64, num_labels=2))
+        config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                  "train_batch_size": 4 * dist.get_world_size(), "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+        engines.append(engine)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    batch = {"input_ids": torch.randint(0, 512, (4, 16), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+    plugin, naive = BiDrop(engines[0], config=BiDropConfig(k=2, p=0.3)), NaiveBiDrop(engines[1], BiDropConfig(k=2, p=0.3))
+    torch.manual_seed(123 + dist.get_rank())
+    plugin.step(batch)
+    torch.manual_seed(123 + dist.get_rank())
+    naive.step(batch)
+    worst = 0.0
+    for (name, a), (_, b) in zip(engines[0].module.named_parameters(), engines[1].module.named_parameters()):
+        wa, wb = safe_get_full_fp32_param(a), safe_get_full_fp32_param(b)
+        worst = max(worst, (wa - wb).abs().max().item())
+    if dist.get_rank() == 0:
+        print(f"ZeRO-{stage}: max |plugin - naive| over parameters after one step (SGD lr 1): {worst:.3g}")
+    for engine in engines:
+        engine.destroy()
 
 
 if __name__ == "__main__":

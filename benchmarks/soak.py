@@ -20,7 +20,6 @@ Rank 0 prints a Markdown summary and writes JSON (--output_json). Exit status 1 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -41,6 +40,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 from bidrop_ds.bidrop import SkipLimitError  # noqa: E402
 from bidrop_ds.checkpoint import latest_complete_tag, save_checkpoint  # noqa: E402
+from bidrop_ds.comm import close_process_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             records = [None] * dist.get_world_size()
             dist.all_gather_object(records, record)
             dist.barrier()  # no rank removes its temporary folder while another still reads
-        gc.collect()
-        finetune.close_distributed()
+        close_process_group()
     except RuntimeError as err:
         message = finetune.lost_contact_message(err, program="soak.py")
         if message is None:

@@ -50,6 +50,7 @@ COUNTER = comm_count.install()  # before deepspeed.init_distributed caches the c
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
+from bidrop_ds.comm import close_process_group  # noqa: E402
 
 MODES = ("vanilla", "accumulating", "bidrop", "naive")
 GOALS = {"cpu": 1.05, "cuda": 1.03}  # Bi-Drop step / (k x vanilla step)
@@ -141,9 +142,15 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", args.local_rank)))
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    measure(args, device)  # destroys its engine; its references die on return
+    close_process_group()
+
+
+def measure(args: argparse.Namespace, device: str) -> None:
+    """Time the modes' steps on one engine; rank 0 prints the row (and writes --output_json)."""
     import naive_port
 
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     engine = build_engine(args)
     vocab = engine.module.config.vocab_size
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -277,8 +284,6 @@ def main() -> None:
                 json.dump({**row, "command": f"torchrun --standalone --nproc_per_node {dist.get_world_size()} "
                            "benchmarks/step_time.py " + " ".join(sys.argv[1:])}, handle, indent=2)
     engine.destroy()
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

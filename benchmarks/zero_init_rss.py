@@ -68,6 +68,7 @@ def worker(folder: str, zero_init: bool, out: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from bidrop_ds.comm import close_process_group
     from bidrop_ds.models import classifier_config, held_elements, load_classifier, zero3_init
 
     torch.set_num_threads(1)
@@ -101,8 +102,7 @@ def worker(folder: str, zero_init: bool, out: str) -> None:
             json.dump(rows, handle)
     engine.destroy()
     del engine, model
-    dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def build_checkpoint(folder: str, layers: int, hidden: int, intermediate: int, vocab: int) -> int:

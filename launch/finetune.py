@@ -50,7 +50,6 @@ Model, data, evaluation and the training loop are separate functions that serve 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -75,6 +74,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.checkpoint import latest_complete_tag, load_checkpoint, read_marker, save_checkpoint
+from bidrop_ds.comm import close_process_group
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.data import (BAD_ROWS, TASK_REGISTRY, DataSource, TaskSpec, add_data_arguments, collator,
                              compute_metrics, load_custom, load_task, split_batch, tokenize)
@@ -369,14 +369,6 @@ def init_distributed(local_rank: int, timeout_s: float | None = None) -> None:
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if isinstance(getattr(distributed_c10d, name, None), timedelta):
             setattr(distributed_c10d, name, timeout)
-
-
-def close_distributed() -> None:
-    """Field notes: with the engine destroyed and dropped, collect garbage, barrier, destroy the
-    group; otherwise gloo runs abort at exit at random ('terminate called without an active exception')."""
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def lost_contact_message(err: BaseException, program: str = "finetune.py") -> str | None:
@@ -727,10 +719,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         init_distributed(args.local_rank, args.dist_timeout)
         summary = run(args, config, ds_config, started)  # destroys its engine; its references die on return
-        close_distributed()
+        close_process_group()
     except LoadError as err:  # raised on every rank at the same point: rank 0 reports it, all exit
         reporter = dist.get_rank() == 0
-        close_distributed()
+        close_process_group()
         raise SystemExit(f"finetune.py: error: {err}" if reporter else 1) from None
     except RuntimeError as err:
         message = lost_contact_message(err)

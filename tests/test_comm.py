@@ -40,3 +40,15 @@ def test_process_group_communicator_sums_in_place_on_its_group(monkeypatch):
     tensor = torch.ones(3, dtype=torch.int64)
     assert ProcessGroupCommunicator(group).all_reduce_sum(tensor) is None
     assert torch.equal(tensor, torch.full((3,), 2)) and calls == [(dist.ReduceOp.SUM, group)]
+
+
+def test_close_process_group_collects_then_destroys_the_default_group(tmp_path, monkeypatch):
+    """A one-rank gloo group: garbage is collected before the barrier, and the group is gone after."""
+    order = []
+    monkeypatch.setattr(comm.gc, "collect", lambda: order.append("collect"))
+    barrier = dist.barrier
+    monkeypatch.setattr(comm.dist, "barrier", lambda: (order.append("barrier"), barrier()))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    comm.close_process_group()
+    assert order == ["collect", "barrier"]
+    assert not dist.is_initialized()
