@@ -20,7 +20,9 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
 - Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
   passes --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
   (the strategies table; OUT/<table>_paired.csv for each table) holds, per (task, strategy,
-  setting), n, the mean difference, its 95% t-interval and the number of seeds it wins, x 100.
+  setting), n, the mean difference, its 95% t-interval and the number of seeds it wins, x 100,
+  then the paired t-test's two-sided p and `p_holm`, that p Holm-adjusted over every row of the
+  same task in the table (all its arms, baselines, held-out sets and both epochs).
   Bi-Drop's k=K rows are paired with vanilla at E epochs and, as `equal compute`, with vanilla at
   K x E epochs.
 - OUT/<table>.md: the command, per arm its chosen lr, held-out and dev scores and, as the
@@ -142,6 +144,69 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def t_test_p(values: Sequence[float]) -> float:
+    """Two-sided p of the one-sample t-test of mean 0 (the paired test of per-seed differences); NaN
+    for fewer than 2 values. p = I_x(df/2, 1/2) with x = df / (df + t^2), the t distribution's tail."""
+    if len(values) < 2:
+        return math.nan
+    mean, spread = statistics.fmean(values), statistics.stdev(values)
+    if spread == 0:
+        return 1.0 if mean == 0 else 0.0
+    df = len(values) - 1
+    t = mean / (spread / math.sqrt(len(values)))
+    return _regularized_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def _regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), through the symmetry I_x(a, b) = 1 -
+    I_(1-x)(b, a) where the fraction converges slowly; accurate to ~1e-12 for the t tails above."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _regularized_beta(b, a, 1.0 - x)
+    tiny = 1e-300
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    value, c, d = 1.0, 1.0, 0.0
+    for term in range(400):
+        half = term // 2
+        if term == 0:
+            numerator = 1.0
+        elif term % 2:
+            numerator = -(a + half) * (a + b + half) * x / ((a + 2 * half) * (a + 2 * half + 1))
+        else:
+            numerator = half * (b - half) * x / ((a + 2 * half - 1) * (a + 2 * half))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        value *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (value - 1.0)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; NaN entries stay NaN
+    and do not count in the family."""
+    order = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`p_holm` on each paired row: Holm over the rows of the same task in the table (its every arm,
+    baseline, held-out set and epoch), so "p_holm < 0.05" survives all of that task's comparisons."""
+    family = [row["task"].split(" / ")[0] for row in rows]
+    for task in dict.fromkeys(family):
+        members = [row for row, name in zip(rows, family) if name == task]
+        for row, adjusted in zip(members, holm([row["p"] for row in members])):
+            row["p_holm"] = round(adjusted, 4)
+    return rows
+
+
 def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict[run_suite.Run, tuple[str, Arm, str]],
            tuning: Sequence[int] | None = None,
            settled_only: bool = False) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
@@ -212,7 +277,8 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
                 mean, low, high = t_interval(diffs)
                 rows.append({"task": f"{task} / {held_out}" if position else task, "strategy": arm.strategy,
                              "setting": setting, "n": len(seeds), "mean_diff": round(mean, 3),
-                             "ci_low": round(low, 3), "ci_high": round(high, 3), "wins": sum(d > 0 for d in diffs)})
+                             "ci_low": round(low, 3), "ci_high": round(high, 3), "wins": sum(d > 0 for d in diffs),
+                             "p": round(t_test_p(diffs), 4)})
     return rows
 
 
@@ -235,11 +301,11 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
     settled = chosen(summaries, runs, tuning, settled_only=True)
     if not picked:
         return "regime_study: no finished run to report\n"
-    paired = paired_rows(picked, epochs) + paired_rows(picked, epochs, at="last")
+    paired = with_holm(paired_rows(picked, epochs) + paired_rows(picked, epochs, at="last"))
     for name in ([f"{table}_paired.csv"] + (["paired.csv"] if table == "strategies" else [])):
         with open(out / name, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=["task", "strategy", "setting", "n", "mean_diff", "ci_low",
-                                                        "ci_high", "wins"])
+                                                        "ci_high", "wins", "p", "p_holm"])
             writer.writeheader()
             writer.writerows(paired)
     lines = [f"# Regime study: {table}", "", f"Command (the whole table, resumable): `{command_line}`; the rows "
@@ -248,7 +314,8 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
              "Held-out headline metric x 100 at each run's best-dev epoch (mean ± std over seeds), the learning "
              "rate chosen on the dev split (" + (f"of seeds {', '.join(map(str, tuning))}" if tuning else "of every seed")
              + "; `provisional`: not every tuning run finished yet), and the paired difference to vanilla (95% "
-             "t-interval, seeds won); the rows ending in "
+             "t-interval, seeds won, the paired t-test's two-sided p, and that p Holm-adjusted over every row of "
+             "the same task in this table); the rows ending in "
              "`last epoch` compare the held-out metric at the last epoch instead.", "",
              "| task | arm | lr | held-out | dev (best epoch) | last epoch: train loss, dev | held-out, last epoch |",
              "|---|---|---|---|---|---|---|"]
@@ -261,9 +328,11 @@ def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: st
         lines.append(f"| {task} | {arm.label} | {lr if (task, arm) in settled else lr + ' (provisional)'} | "
                      f"{_mean_std(held)} (n={len(held)}) | {_mean_std(dev)} | "
                      f"{statistics.fmean(loss):.4f}, {statistics.fmean(last_dev):.2f} | {_mean_std(held_last)} |")
-    lines += ["", "| task | strategy | setting | n | mean diff | 95% CI | wins |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| task | strategy | setting | n | mean diff | 95% CI | wins | p | Holm p |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['strategy']} | {r['setting']} | {r['n']} | {r['mean_diff']:.2f} | "
-              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['wins']}/{r['n']} |" for r in paired]
+              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['wins']}/{r['n']} | {r['p']:.3f} | {r['p_holm']:.3f} |"
+              for r in paired]
     text = "\n".join(lines) + "\n"
     (out / f"{table}.md").write_text(text, encoding="utf-8")
     plot_dev_curves(picked, out / f"{table}_curves.png")

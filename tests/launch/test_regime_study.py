@@ -100,6 +100,29 @@ def test_t_interval_by_hand(study: ModuleType) -> None:
     assert math.isnan(study.t_interval([1.0])[1])
 
 
+def test_t_test_p_against_closed_forms(study: ModuleType) -> None:
+    """The two-sided p against the t distribution's closed-form CDFs (df 1: Cauchy, 2, 4) and the
+    t-interval: p < 0.05 exactly when the 95% interval leaves out 0."""
+    assert study.t_test_p([1.0, 3.0]) == pytest.approx(1 - 2 / math.pi * math.atan(2.0), rel=1e-10)  # t = 2, df 1
+    t = 2 / (1 / math.sqrt(3))  # [1, 2, 3]: mean 2, std 1, df 2
+    assert study.t_test_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+    t = 3 / (math.sqrt(2.5) / math.sqrt(5))  # [1..5]: mean 3, std sqrt(2.5), df 4
+    a = 1 + t * t / 4
+    cdf = 0.5 + 3 / 8 * t / math.sqrt(a) * (1 - t * t / (12 * a))
+    assert study.t_test_p([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2 * (1 - cdf), rel=1e-8)
+    assert (study.t_test_p([0.5, 0.5]), study.t_test_p([0.0, 0.0]), math.isnan(study.t_test_p([1.0]))) == (0.0, 1.0, True)
+    for shift in (0.1, 0.6, 1.0, 1.3, 2.5):
+        values = [shift - 1.2, shift + 0.4, shift + 0.9, shift - 0.3, shift + 1.1]
+        assert (study.t_test_p(values) < 0.05) == (study.t_interval(values)[1] > 0)
+
+
+def test_holm_adjusts_within_each_task(study: ModuleType) -> None:
+    adjusted = study.holm([0.01, 0.04, 0.03, math.nan])  # sorted 0.01 x 3, 0.03 x 2, then 0.04 x 1 (kept monotone)
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    rows = [{"task": "a", "p": 0.01}, {"task": "a / tweets", "p": 0.02}, {"task": "b", "p": 0.02}]
+    assert [row["p_holm"] for row in study.with_holm(rows)] == [0.02, 0.02, 0.02]  # a's family: 2 rows; b: 1
+
+
 def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: ModuleType, tmp_path: Path) -> None:
     arms = [study.Arm("vanilla"), study.Arm("bidrop", (("k", "2"),))]
     runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5", "1e-4"], [0, 1, 2], 2)
