@@ -159,7 +159,8 @@ def t_test_p(values: Sequence[float]) -> float:
 
 def _regularized_beta(a: float, b: float, x: float) -> float:
     """I_x(a, b) by its continued fraction (modified Lentz), through the symmetry I_x(a, b) = 1 -
-    I_(1-x)(b, a) where the fraction converges slowly; accurate to ~1e-12 for the t tails above."""
+    I_(1-x)(b, a) where the fraction converges slowly. For the t tails above it agrees with the closed
+    forms of df 1, 2 and 4 to 2e-11 relative for t in [0.1, 30]."""
     if x <= 0.0 or x >= 1.0:
         return max(0.0, min(1.0, x))
     if x > (a + 1) / (a + b + 2):
