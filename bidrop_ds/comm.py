@@ -49,7 +49,7 @@ def close_process_group() -> None:
 
     Call it on every rank after the work, with each DeepSpeed engine destroyed and no reference to it
     (or its model and optimizer) left: gloo runs that skip this abort at exit at random, "terminate
-    called without an active exception" (see NOTES-distributed.md, "Flaky exit")."""
+    called without an active exception", from gloo threads the engine's leftovers keep alive."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
