@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bidrop_ds import BiDrop, BiDropConfig
 from bidrop_ds.checkpoint import IncompleteCheckpointError
+from bidrop_ds.comm import close_process_group
 from bidrop_ds.integrations.hf_trainer import (STATE_NAME, BiDropTrainer, BiDropTrainerMixin,
                                                incomplete_trainer_checkpoint_reason)
 from tests.models import random_batch, tiny_bert
@@ -521,12 +522,10 @@ def rank_main(argv: list[str]) -> None:
     if deepspeed_mode:
         wrapped.destroy()
     del wrapped
-    gc.collect()
     if dist.get_rank() == 0:
         Path(opts.out).write_text(json.dumps(result))
         print("RESULT", json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
