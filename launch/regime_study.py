@@ -13,8 +13,9 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
 - Learning rate: every arm runs at each of --lrs (default 2e-5, 5e-5, 1e-4); the arm's rate is the
   one with the highest mean over seeds of the dev score at each run's best-dev epoch. Nothing
   held-out takes part in the choice. `--lr_seeds N` chooses it on the first N seeds only, whose runs
-  go first; the other seeds then run at the chosen rate alone (fewer runs: 2 of 5 seeds tuning
-  make 27 runs of the 45 of a 3-arm table).
+  go first; an arm's other seeds then run at its chosen rate alone, queued as soon as its own
+  tuning runs have all finished (fewer runs: 2 of 5 seeds tuning make 27 runs of the 45 of a 3-arm
+  table).
 - Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`); the same
   comparisons at the last epoch follow as rows whose setting ends in ", last epoch".
 - Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
@@ -395,8 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="OMP threads per run (default: the CPU cores / --jobs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each run's progress then goes to its log)")
     parser.add_argument("--lr_seeds", type=int, default=None, metavar="N",
-                        help="choose each arm's lr on the first N --seeds (their runs go first); the other seeds "
-                             "then run at the chosen lr only (default: every seed runs every lr)")
+                        help="choose each arm's lr on the first N --seeds (their runs go first); the arm's other "
+                             "seeds then run at its chosen lr only, as soon as it is chosen (default: every seed "
+                             "runs every lr)")
     parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs only")
     args = parser.parse_args(own)
     tasks = args.tasks or TABLE_TASKS[args.table]
@@ -410,9 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     if not args.report_only:
         first = [run for run in runs if tuning is None or run.seed in tuning]
-        failed = run_suite.execute(first, suite_args, extra, out)
-        if tuning is not None:
-            failed += run_suite.execute(remaining_runs(runs, out, tuning), suite_args, extra, out)
+        later = None if tuning is None else lambda: remaining_runs(runs, out, tuning)
+        failed = run_suite.execute(first, suite_args, extra, out, more=later)
     # the tables hold every finished run of the table's tasks and arms under OUT (at --lrs, --seeds): a
     # narrower command (one task, one strategy) adds its rows instead of overwriting the others
     whole = plan(TABLE_TASKS[args.table], arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -167,9 +167,12 @@ def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) 
     return cmd + extra
 
 
-def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Path) -> list[str]:
+def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Path,
+            more: Callable[[], list[Run]] | None = None) -> list[str]:
     """Run what is not finished yet, `args.jobs` at a time in the planned order; returns the ids
-    that failed (their logs say why)."""
+    that failed (their logs say why). `more`, asked at the start and after each run ends, names runs
+    that have become ready to go (e.g. a study's later seeds once their learning rate is chosen):
+    those not given before join the end of the queue, so no slot waits for the whole list to end."""
     env = dict(os.environ)
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.ranks * args.jobs))
     env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
@@ -181,14 +184,24 @@ def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Pa
     failed: list[str] = []
     running: list[tuple[Run, subprocess.Popen, float]] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run", dynamic_ncols=True, position=0)
-    pending = iter(todo)
+    pending, given = list(todo), set(runs)
+    ready = True  # ask `more` now and after each run ends
     while True:
-        while len(running) < args.jobs and (run := next(pending, None)) is not None:
+        if more is not None and ready:
+            joined = [run for run in dict.fromkeys(more()) if run not in given and not result_path(out, run).exists()]
+            given.update(joined)
+            pending += joined
+            if joined:
+                bar.total += len(joined)
+                tqdm.write(f"run_suite: {len(joined)} more runs ready, {len(pending)} waiting")
+        while len(running) < args.jobs and pending:
+            run = pending.pop(0)
             running.append((run, _start(run, args, extra, out, env), time.perf_counter()))
             bar.set_postfix_str(", ".join(r.run_id for r, _, _ in running))
         if not running:
             break
         finished = [entry for entry in running if entry[1].poll() is not None]
+        ready = bool(finished)
         if not finished:
             time.sleep(1.0)
         for entry in finished:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -148,11 +150,46 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
     assert "(of seeds 0;" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
 
 
+def test_an_arms_later_seeds_start_once_its_own_lr_is_chosen(study: ModuleType, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lr_seeds: one queue. Vanilla's tuning is over, so its later seed runs beside Bi-Drop's last
+    (slow) tuning run instead of after it; Bi-Drop's later seed follows, at its chosen lr."""
+    events = tmp_path / "events.txt"
+    script = ("import json, sys, time; out, run_id, events = sys.argv[1:]\n"
+              "open(events, 'a').write(f'start {run_id}\\n')\n"
+              "time.sleep(3 if 'bidrop' in run_id and run_id.endswith('seed0') else 0)\n"
+              "dev = 0.9 if '1e-4' in run_id else 0.6\n"
+              "json.dump({'headline_metric': 'accuracy', 'epoch_history': [{'dev_accuracy': dev, 'train_loss': 0.1}],"
+              " 'best_dev_epoch': 1,"
+              " 'at_best_dev_epoch': {'accuracy': 0.7}, 'accuracy': 0.7}, open(out, 'w'))\n"
+              "open(events, 'a').write(f'end {run_id}\\n')")
+    monkeypatch.setattr(study.run_suite, "command", lambda run, args, extra, partial: [
+        sys.executable, "-c", script, str(partial), run.run_id, str(events)])
+    arms = [study.Arm("vanilla"), study.Arm("bidrop", (("k", "2"),))]
+    runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5", "1e-4"], [0, 1], 2)
+    last_tuning = [run for run in runs if run.seed == 0][-1]  # Bi-Drop's at 1e-4
+    for run in runs:  # seed 0 finished but for that one
+        if run.seed == 0 and run != last_tuning:
+            path = study.run_suite.result_path(tmp_path, run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(study.run_suite.command(run, None, [], path), check=True)
+    events.unlink()
+    assert study.main(["--table", "strategies", "--out", str(tmp_path), "--strategies", "bidrop", "--ks", "2",
+                       "--tasks", "vader-movie-lowres-250", "--lrs", "2e-5", "1e-4", "--seeds", "0", "1",
+                       "--epochs", "2", "--lr_seeds", "1", "--jobs", "2"]) == 0
+    lines = events.read_text(encoding="utf-8").splitlines()
+    vanilla_later, bidrop_later = (f"vader-movie-lowres-250/{name}-batch_size16-dev_size50-epochs2{k}-lr1e-4-"
+                                   "train_size0/seed1" for name, k in (("vanilla", ""), ("bidrop", "-k2")))
+    assert lines.index(f"start {vanilla_later}") < lines.index(f"end {last_tuning.run_id}")
+    assert lines.index(f"end {last_tuning.run_id}") < lines.index(f"start {bidrop_later}")
+    assert len(lines) == 6  # three runs, none twice
+
+
 def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The study's runs get --held_out_at end; flags after `--` follow it (so the caller's win)."""
     given = []
-    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out: given.append(extra) or [])
+    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out, more=None: given.append(extra) or [])
     study.main(["--table", "sensitivity", "--out", str(tmp_path), "--lrs", "2e-5", "--seeds", "0",
                 "--", "--eval_size", "8"])
     assert given == [["--held_out_at", "end", "--eval_size", "8"]]
@@ -199,7 +236,7 @@ def test_each_further_held_out_set_gets_its_own_paired_rows(study: ModuleType) -
 def test_a_command_for_part_of_a_table_keeps_the_rest_of_it(study: ModuleType, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """--tasks / --strategies narrow what runs, not the tables: runs of other tasks and arms stay in them."""
-    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out: [])
+    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out, more=None: [])
     arms = [study.Arm("vanilla"), study.Arm("dps"), study.Arm("bidrop", (("k", "2"),))]
     for run, (task, arm, _) in study.plan(["vader-movie-lowres-250", "vader-transfer"], arms, ["2e-5"], [0, 1],
                                           3).items():
