@@ -226,7 +226,8 @@ def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict
         seeds = sorted(finished.get((task, arm), ()))
         if not seeds or (settled_only and tuning is not None and set(seeds) != set(tuning)):
             continue
-        score = statistics.fmean(dev_score(by_seed[seed]) for seed in seeds)
+        # rounded: dev scores are counts over the dev size, so equal sums must tie, whatever the float order
+        score = round(statistics.fmean(dev_score(by_seed[seed]) for seed in seeds), 9)
         if (task, arm) not in best or score > best[task, arm][0]:
             best[task, arm] = (score, lr, {seed: by_seed[seed] for seed in seeds} if tuning is None else by_seed)
     return {key: (lr, by_seed) for key, (_, lr, by_seed) in best.items()}

@@ -150,6 +150,18 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
     assert "(of seeds 0;" in text and "| vader-movie-lowres-250 | bidrop k=2 | 1e-4 | 72.50 ± 2.50 (n=2) |" in text
 
 
+def test_a_tie_on_dev_goes_to_the_first_lr_whatever_the_float_rounding(study: ModuleType, tmp_path: Path) -> None:
+    """Mean dev 0.4 at both rates (as floats, 0.1 + 0.7 sums below 0.3 + 0.5): the first of --lrs wins."""
+    runs = study.plan(["vader-movie-lowres-250"], [study.Arm("vanilla")], ["2e-5", "1e-4"], [0, 1], 2)
+    dev = {"2e-5": (0.1, 0.7), "1e-4": (0.3, 0.5)}
+    for run, (_, _, lr) in runs.items():
+        path = study.run_suite.result_path(tmp_path, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary([dev[lr][run.seed]], 0.7)), encoding="utf-8")
+    picked = study.chosen(study.collect(runs, tmp_path), runs)
+    assert picked["vader-movie-lowres-250", study.Arm("vanilla")][0] == "2e-5"
+
+
 def test_an_arms_later_seeds_start_once_its_own_lr_is_chosen(study: ModuleType, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """--lr_seeds: one queue. Vanilla's tuning is over, so its later seed runs beside Bi-Drop's last
