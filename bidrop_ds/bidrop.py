@@ -33,7 +33,7 @@ from bidrop_ds.comm import ProcessGroupCommunicator
 from bidrop_ds.config import BLOCK, BiDropConfig
 from bidrop_ds.core import Communicator, LocalCommunicator, PassStatistics
 from bidrop_ds.core.ranges import layout_slices
-from bidrop_ds.strategies import ChildTuningD, agree, make_rule
+from bidrop_ds.strategies import ChildTuningD, RuleContext, make_rule
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class BiDrop:
         self._in_step = False
         self.count_layers = False  # count each layer's kept elements at apply_mask (kept_by_layer)
         self._layer_counts: tuple[list[str], torch.Tensor] | None = None
-        self.rule = make_rule(self)
+        self.rule_context = self._rule_context()
+        self.rule = make_rule(self.rule_context)
         self.backend.begin_step()
 
     @property
@@ -302,7 +303,7 @@ class BiDrop:
             chunks = self._chunks(batch)
             self._run_passes(chunks, loss_fn, seed_step=-1 - index)
             self.stats.fold_last()
-            finite, _ = agree(self, self.stats.is_finite())
+            finite, _ = self.rule_context.agree(self.stats.is_finite())
             if finite:
                 self.rule.accumulate(self.stats.mean, self.backend.grad_scale())
             self._in_step = False
@@ -429,6 +430,14 @@ class BiDrop:
                                  "diverging. Lower the learning rate, check the data, or raise "
                                  "max_consecutive_skips (0 never stops)")
         return StepResult(kept_fraction=0.0, skipped=True, threshold=None, step=step)
+
+    def _rule_context(self) -> RuleContext:
+        """What the rule sees of this run (after construction's agreement has set the eligible count)."""
+        backend = self.backend
+        return RuleContext(config=self.config, stats=self.stats, weights=backend.abs_params,
+                           parameters=backend.parameter_slices(), total_numel=backend.total_numel,
+                           selection_comm=backend.selection_comm, agreement_comm=backend.agreement_comm,
+                           generator=self.mask_generator)
 
     def mask_generator(self, step: int) -> torch.Generator:
         """The generator of step `step`'s random mask or scores: seeded by (seed, step) and, on a

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from bidrop_ds.core import global_threshold, kept_count, scores_into_m2
 from bidrop_ds.core.scores import mask_update_, masked_mean_into_, pair_scores_
-from bidrop_ds.strategies.base import Outcome, agree
-
-if TYPE_CHECKING:
-    from bidrop_ds.bidrop import BiDrop
+from bidrop_ds.strategies.base import Outcome, RuleContext
 
 logger = logging.getLogger(__name__)
 
@@ -25,51 +22,50 @@ class BiDropRule:
     Otherwise (k > 2, 16-bit gradients) the Welford statistics hold the scores in M2 and the
     masked mean is copied into the gradient (8 bytes)."""
 
-    def __init__(self, bidrop: "BiDrop") -> None:
-        self.bidrop = bidrop
-        self.n = kept_count(bidrop.config.p, bidrop.backend.total_numel)
+    def __init__(self, context: RuleContext) -> None:
+        self.context = context
+        self.n = kept_count(context.config.p, context.total_numel)
         self.warned_identical = False
         self.scores: torch.Tensor | list[torch.Tensor] | None = None
 
     def prepare(self, step: int, grad_scale: float) -> bool:
-        bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
-        stats = bidrop.stats
+        context, config, stats = self.context, self.context.config, self.context.stats
         pair = config.k == 2 and stats.last is not None and all(t.dtype == torch.float32 for t in stats.last)
-        generator = bidrop.mask_generator(step) if config.score == "random" else None
+        generator = context.generator(step) if config.score == "random" else None
         if pair:
-            self.scores = pair_scores_(stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
+            self.scores = pair_scores_(stats, context.weights(), config.score, config.eps, generator, grad_scale)
         else:
             stats.fold_last()
         self._warn_if_identical(step)
         if not pair:
-            self.scores = scores_into_m2(stats, backend.abs_params(), config.score, config.eps, generator, grad_scale)
+            self.scores = scores_into_m2(stats, context.weights(), config.score, config.eps, generator, grad_scale)
         return pair
 
     def _warn_if_identical(self, step: int) -> None:
-        if not self.warned_identical and self.bidrop.stats.spread_is_zero():  # before the scores replace M2
+        if not self.warned_identical and self.context.stats.spread_is_zero():  # before the scores replace M2
             self.warned_identical = True
             logger.warning("Bi-Drop step %d: the k = %d passes gave identical gradients on every element this "
                            "rank holds, so dropout did not act and the mask ranks by gradient magnitude alone. "
                            "Check that the model's dropout is really on (a model may disable it internally "
                            "whatever its config says) and that no module is in eval mode (warned once)",
-                           step, self.bidrop.config.k)
+                           step, self.context.config.k)
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
-        bidrop, config, backend = self.bidrop, self.bidrop.config, self.bidrop.backend
+        context, config, stats = self.context, self.context.config, self.context.stats
         scores, self.scores = self.scores, None
-        found = global_threshold(scores, self.n, backend.selection_comm, not finite, device=backend.device)
+        found = global_threshold(scores, self.n, context.selection_comm, not finite, device=stats.device)
         finite = finite and found is not None
-        if backend.selection_comm is not backend.agreement_comm:
-            finite, _ = agree(bidrop, finite)  # the selection did not already carry the flag
+        if not context.sharded:
+            finite, _ = context.agree(finite)  # the selection did not already carry the flag
         if not finite:
             return None
         divisor = config.p if config.rescale else 1.0
         if isinstance(scores, list):  # the pair path: the scores sit where the gradient lives
-            masked_mean_into_(scores, bidrop.stats.mean_pieces(), found.value, divisor)
+            masked_mean_into_(scores, stats.mean_pieces(), found.value, divisor)
         else:
-            mask_update_(bidrop.stats.mean, scores, found.value)  # update *= (scores >= tau); scores consumed
+            mask_update_(stats.mean, scores, found.value)  # update *= (scores >= tau); scores consumed
             if divisor != 1.0:
-                bidrop.stats.mean.div_(divisor)
+                stats.mean.div_(divisor)
         return Outcome(kept=found.kept, threshold=found.value)
 
     def state_dict(self) -> dict[str, Any]:

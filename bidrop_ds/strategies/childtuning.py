@@ -9,31 +9,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from bidrop_ds.core import accumulate_squares_, bernoulli_multiplier_, global_threshold, kept_count
-from bidrop_ds.strategies.base import FoldsPasses, Outcome, agree
-
-if TYPE_CHECKING:
-    from bidrop_ds.bidrop import BiDrop
+from bidrop_ds.strategies.base import FoldsPasses, Outcome, RuleContext
 
 
 class ChildTuningF(FoldsPasses):
     """A Bernoulli(p) keep mask per step (seeded like the passes), kept gradients scaled by 1/p."""
 
-    def __init__(self, bidrop: "BiDrop") -> None:
-        self.bidrop = bidrop
+    def __init__(self, context: RuleContext) -> None:
+        self.context = context
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
-        bidrop = self.bidrop
-        multiplier = bernoulli_multiplier_(bidrop.stats.m2, bidrop.config.p, bidrop.mask_generator(step))
+        context = self.context
+        multiplier = bernoulli_multiplier_(context.stats.m2, context.config.p, context.generator(step))
         kept_local = int(torch.count_nonzero(multiplier))
-        finite, kept = agree(bidrop, finite, kept_local)
+        finite, kept = context.agree(finite, kept_local)
         if not finite:
             return None
-        bidrop.stats.mean.mul_(multiplier)
+        context.stats.mean.mul_(multiplier)
         return Outcome(kept=kept)
 
     def state_dict(self) -> dict[str, Any]:
@@ -46,8 +43,8 @@ class ChildTuningF(FoldsPasses):
 class ChildTuningD(FoldsPasses):
     """A fixed mask: the eligible elements of the top-p Fisher information, ties kept."""
 
-    def __init__(self, bidrop: "BiDrop") -> None:
-        self.bidrop = bidrop
+    def __init__(self, context: RuleContext) -> None:
+        self.context = context
         self.fisher: torch.Tensor | None = None  # only while estimating
         self.dropped: torch.Tensor | None = None  # bool, True where the gradient is zeroed
         self.kept = 0
@@ -65,9 +62,9 @@ class ChildTuningD(FoldsPasses):
         """Fix the mask from the Fisher sum (one distributed selection) and free the sum."""
         if self.fisher is None:
             raise ValueError("ChildTuning-D: no finite batch was given to estimate_fisher")
-        backend, config = self.bidrop.backend, self.bidrop.config
-        found = global_threshold(self.fisher, kept_count(config.p, backend.total_numel), backend.selection_comm,
-                                 device=backend.device)
+        context = self.context
+        found = global_threshold(self.fisher, kept_count(context.config.p, context.total_numel),
+                                 context.selection_comm, device=context.stats.device)
         self.dropped = self.fisher < found.value
         self.kept, self.threshold = found.kept, found.value
         self.fisher = None
@@ -76,10 +73,10 @@ class ChildTuningD(FoldsPasses):
         if self.dropped is None:
             raise RuntimeError("strategy 'childtuning-d' needs its Fisher mask before the first step: call "
                                "bidrop.estimate_fisher(batches) on (a pass over) the training data first")
-        finite, _ = agree(self.bidrop, finite)
+        finite, _ = self.context.agree(finite)
         if not finite:
             return None
-        self.bidrop.stats.mean.masked_fill_(self.dropped, 0.0)
+        self.context.stats.mean.masked_fill_(self.dropped, 0.0)
         return Outcome(kept=self.kept, threshold=self.threshold)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,25 +9,21 @@ sum during a full phase and the 0/1 mask during a masked one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from bidrop_ds.core import accumulate_squares_, global_threshold, kept_count
-from bidrop_ds.strategies.base import FoldsPasses, Outcome, agree
-
-if TYPE_CHECKING:
-    from bidrop_ds.bidrop import BiDrop
+from bidrop_ds.strategies.base import FoldsPasses, Outcome, RuleContext
 
 
 class Dps(FoldsPasses):
     """Full phases gather the Fisher sum; masked phases keep each parameter's top p of it."""
 
-    def __init__(self, bidrop: "BiDrop") -> None:
-        self.bidrop = bidrop
-        self.window = bidrop.config.dps_window
-        self.buffer = torch.zeros(bidrop.backend.numel, dtype=torch.float32, device=bidrop.backend.device)
-        self.slices = bidrop.backend.parameter_slices()
+    def __init__(self, context: RuleContext) -> None:
+        self.context = context
+        self.window = context.config.dps_window
+        self.buffer = torch.zeros(context.stats.numel, dtype=torch.float32, device=context.stats.device)
         self.mask_phase = -1  # the masked phase the buffer's mask belongs to
         self.kept = 0
 
@@ -38,22 +34,22 @@ class Dps(FoldsPasses):
             self._fix_mask(phase)
         elif not masked and position == 0:
             self.buffer.zero_()
-        finite, _ = agree(self.bidrop, finite)
+        finite, _ = self.context.agree(finite)
         if not finite:
             return None
-        update = self.bidrop.stats.mean
+        update = self.context.stats.mean
         if not masked:
             accumulate_squares_(self.buffer, update, grad_scale)
-            return Outcome(kept=self.bidrop.backend.total_numel)
+            return Outcome(kept=self.context.total_numel)
         update.mul_(self.buffer)
         return Outcome(kept=self.kept)
 
     def _fix_mask(self, phase: int) -> None:
         """The buffer's Fisher sum becomes 1 on each parameter's top p (ties kept), else 0."""
-        comm, p = self.bidrop.backend.selection_comm, self.bidrop.config.p
+        comm, p = self.context.selection_comm, self.context.config.p
         empty = self.buffer[:0]
         kept = 0
-        for piece in self.slices:
+        for piece in self.context.parameters:
             local = [self.buffer[start:end] for start, end in piece.ranges]
             scores = local[0] if len(local) == 1 else torch.cat(local) if local else empty
             found = global_threshold(scores, kept_count(p, piece.numel), comm)
