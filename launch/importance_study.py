@@ -28,29 +28,28 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune  # noqa: E402  (launch/finetune.py: model, data and optimizer, shared)
 
 from bidrop_ds import BiDrop, BiDropConfig  # noqa: E402
 from bidrop_ds.bidrop import layer_of  # noqa: E402
 from bidrop_ds.core import PassStatistics, scores_into_m2  # noqa: E402
 from bidrop_ds.data import collator, load_task, tokenize  # noqa: E402
 from bidrop_ds.data.glue import spearman  # noqa: E402
-from bidrop_ds.models import adamw, load_tokenizer  # noqa: E402
+from bidrop_ds.models import adamw, default_model_path, load_tokenizer  # noqa: E402
+from bidrop_ds.recipes.finetune import build_model, parse_args  # noqa: E402  (the finetune recipe's model and flags)
+from bidrop_ds.training.loaders import make_loaders, subset  # noqa: E402
 
 
 def prepare(args: argparse.Namespace):
-    """(model, train loader) of finetune.py's settings, the model seeded by --train_seed."""
+    """(model, train loader) of the finetune recipe's settings, the model seeded by --train_seed."""
     task = load_task(args.task, args.glue_dir, bad_rows=args.bad_rows)
-    train_split = finetune.subset(task.train, args.train_size)
-    path = args.model or finetune.default_model_path()
+    train_split = subset(task.train, args.train_size)
+    path = args.model or default_model_path()
     tokenizer = load_tokenizer(path)
     torch.manual_seed(args.train_seed)
-    model = finetune.build_model(path, task.spec, tokenizer, args.model_dropout)
+    model = build_model(path, task.spec, tokenizer, args.model_dropout)
     encoded = tokenize(datasets.DatasetDict(train=train_split, eval=train_split.select([0])), tokenizer,
                        task.spec.text_columns, args.max_length)
-    loader, _ = finetune.make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed)
+    loader, _ = make_loaders(encoded, collator(tokenizer), args.batch_size, args.train_seed)
     return model, loader
 
 
@@ -166,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for importance.json/.md/.png")
     out = Path(parser.parse_args(own).out)
-    args = finetune.parse_args(rest)
+    args = parse_args(rest)
     if args.deepspeed:
         raise SystemExit("importance_study.py runs in one process; drop --deepspeed")
     config = BiDropConfig.from_args(args)

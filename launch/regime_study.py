@@ -1,7 +1,8 @@
 """Where Bi-Drop helps: training long enough for vanilla fine-tuning to overfit (issue 14).
 
-One command per table; every run is a launch/run_suite.py run (resumable: finished runs are kept
-in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every epoch:
+One command per table; every run is a finetune run as launch/run_suite.py starts them
+(`bidrop_ds.training.suite`; resumable: finished runs are kept in OUT/runs and skipped), with a dev
+split (`--dev_size`) evaluated after every epoch:
 
     python launch/regime_study.py --table strategies --out results/regime
     python launch/regime_study.py --table sensitivity --out results/regime
@@ -18,8 +19,8 @@ in OUT/runs and skipped), with a dev split (`--dev_size`) evaluated after every 
   table).
 - Score: the held-out headline metric at the run's best-dev epoch (`at_best_dev_epoch`); the same
   comparisons at the last epoch follow as rows whose setting ends in ", last epoch".
-- Paired seeds: seed s gives every arm the same head initialisation and batch order (run_suite
-  passes --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
+- Paired seeds: seed s gives every arm the same head initialisation and batch order (each run
+  gets --train_seed s and --seed s), so arm - vanilla is a per-seed difference. OUT/paired.csv
   (the strategies table; OUT/<table>_paired.csv for each table) holds, per (task, strategy,
   setting), n, the mean difference, its 95% t-interval and the number of seeds it wins, x 100,
   then the paired t-test's two-sided p and `p_holm`, that p Holm-adjusted over every row of the
@@ -49,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import run_suite  # noqa: E402  (launch/run_suite.py: runs, commands, resumable execution)
+from bidrop_ds.training import suite  # noqa: E402  (runs, commands, resumable execution)
 
 LRS = ("2e-5", "5e-5", "1e-4")
 # task -> its finetune.py sizes: the train examples (0: the whole train split) and the dev rows carved off it
@@ -103,7 +104,7 @@ def arms(table: str, epochs: int, ks: Sequence[int] = BIDROP_KS,
     return [arm for arm in listed if arm == Arm("vanilla") or arm.strategy in strategies]
 
 def plan(tasks: Sequence[str], arm_list: Sequence[Arm], lrs: Sequence[str], seeds: Sequence[int],
-         epochs: int) -> dict[run_suite.Run, tuple[str, Arm, str]]:
+         epochs: int) -> dict[suite.Run, tuple[str, Arm, str]]:
     """{run: (task, arm, lr)} for every seed x task x arm x lr, seed by seed (an interrupted study has
     whole seeds of every arm to pair); an arm's own epochs override `epochs`."""
     runs = {}
@@ -113,7 +114,7 @@ def plan(tasks: Sequence[str], arm_list: Sequence[Arm], lrs: Sequence[str], seed
                 settings = {"epochs": str(epochs), **COMMON, **TASKS[task], **dict(arm.settings)}
                 for lr in lrs:
                     variant = tuple(sorted({**settings, "lr": lr}.items()))
-                    runs[run_suite.Run(task, arm.strategy, variant, seed)] = (task, arm, lr)
+                    runs[suite.Run(task, arm.strategy, variant, seed)] = (task, arm, lr)
     return runs
 
 def dev_score(summary: dict[str, Any]) -> float:
@@ -209,7 +210,7 @@ def with_holm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict[run_suite.Run, tuple[str, Arm, str]],
+def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict[suite.Run, tuple[str, Arm, str]],
            tuning: Sequence[int] | None = None,
            settled_only: bool = False) -> dict[tuple[str, Arm], tuple[str, dict[int, dict]]]:
     """{(task, arm): (its lr, {seed: summary})}: the lr with the best mean dev score over the tuning
@@ -233,8 +234,8 @@ def chosen(summaries: dict[tuple[str, Arm, str], dict[int, dict]], planned: dict
     return {key: (lr, by_seed) for key, (_, lr, by_seed) in best.items()}
 
 
-def remaining_runs(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path,
-                   tuning: Sequence[int]) -> list[run_suite.Run]:
+def remaining_runs(runs: dict[suite.Run, tuple[str, Arm, str]], out: Path,
+                   tuning: Sequence[int]) -> list[suite.Run]:
     """The runs of the seeds outside `tuning`, each arm at the lr its tuning seeds chose (arms whose
     tuning runs are not all finished, e.g. one failed, have none yet)."""
     tuned = {run: key for run, key in runs.items() if run.seed in tuning}
@@ -285,17 +286,17 @@ def paired_rows(picked: dict[tuple[str, Arm], tuple[str, dict[int, dict]]], epoc
     return rows
 
 
-def collect(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path) -> dict[tuple[str, Arm, str], dict[int, dict]]:
+def collect(runs: dict[suite.Run, tuple[str, Arm, str]], out: Path) -> dict[tuple[str, Arm, str], dict[int, dict]]:
     """{(task, arm, lr): {seed: summary}} of the finished runs."""
     found: dict[tuple[str, Arm, str], dict[int, dict]] = {}
     for run, key in runs.items():
-        path = run_suite.result_path(out, run)
+        path = suite.result_path(out, run)
         if path.exists():
             found.setdefault(key, {})[run.seed] = json.loads(path.read_text(encoding="utf-8"))
     return found
 
 
-def report(runs: dict[run_suite.Run, tuple[str, Arm, str]], out: Path, table: str, epochs: int,
+def report(runs: dict[suite.Run, tuple[str, Arm, str]], out: Path, table: str, epochs: int,
            command_line: str, tuning: Sequence[int] | None = None) -> str:
     """Write OUT/<table>_paired.csv (and OUT/paired.csv for the strategies table), OUT/<table>.md and
     the dev curves; return the markdown. `tuning`: the seeds the lr is chosen on (None: all)."""
@@ -407,19 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = plan(tasks, arm_list, args.lrs, args.seeds, args.epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suite_args, _ = run_suite.parse_args(["--out", str(out), "--log_every", "0", "--jobs", str(args.jobs),
-                                          *(["--threads", str(args.threads)] if args.threads else [])])
+    launch = suite.Launch(jobs=args.jobs, threads=args.threads)
     tuning = args.seeds[:args.lr_seeds] if args.lr_seeds is not None and args.lr_seeds < len(args.seeds) else None
     failed = []
     if not args.report_only:
         first = [run for run in runs if tuning is None or run.seed in tuning]
         later = None if tuning is None else lambda: remaining_runs(runs, out, tuning)
-        failed = run_suite.execute(first, suite_args, extra, out, more=later)
+        failed = suite.execute(first, launch, extra, out, more=later)
     # the tables hold every finished run of the table's tasks and arms under OUT (at --lrs, --seeds): a
     # narrower command (one task, one strategy) adds its rows instead of overwriting the others
     whole = plan(TABLE_TASKS[args.table], arms(args.table, args.epochs), args.lrs, args.seeds, args.epochs)
     text = report(whole, out, args.table, args.epochs, table_command(args, caller), tuning)
-    return run_suite.finish("regime_study", text, failed)
+    return suite.finish("regime_study", text, failed)
 
 
 def table_command(args: argparse.Namespace, run_args: Sequence[str]) -> str:

@@ -1,13 +1,14 @@
-"""Run strategies x tasks x seeds with launch/finetune.py and tabulate the held-out scores.
+"""Run strategies x tasks x seeds with the finetune recipe and tabulate the held-out scores.
 
-Each run is one finetune.py process (or one `torchrun` of N ranks with --deepspeed) writing its
-summary JSON under OUT/runs/; a run whose JSON exists is skipped, so an interrupted suite resumes
-where it stopped. At the end (and with --report_only) the summaries are aggregated into
-OUT/results.md and OUT/results.csv (mean, std and max over seeds per task and held-out set, and
-the average over them) and plotted: OUT/scores.png (score by strategy, every seed shown) and
-OUT/kept_by_layer.png (Bi-Drop's kept fraction per layer over training). Runs with a dev split
-(`-- --dev_size N`) get a second table, CSV rows with `at` = `best_dev` and
-OUT/scores_best_dev.png: the held-out scores at each run's best-dev epoch, beside the last epoch's.
+Each run is one finetune process (`bidrop_ds.training.suite`: `python -m bidrop_ds.recipes.finetune`,
+or a `torchrun` of N ranks with --deepspeed) writing its summary JSON under OUT/runs/; a run whose
+JSON exists is skipped, so an interrupted suite resumes where it stopped. At the end (and with
+--report_only) the summaries are aggregated into OUT/results.md and OUT/results.csv (mean, std and
+max over seeds per task and held-out set, and the average over them) and plotted: OUT/scores.png
+(score by strategy, every seed shown) and OUT/kept_by_layer.png (Bi-Drop's kept fraction per layer
+over training). Runs with a dev split (`-- --dev_size N`) get a second table, CSV rows with `at` =
+`best_dev` and OUT/scores_best_dev.png: the held-out scores at each run's best-dev epoch, beside the
+last epoch's.
 
 Your own data instead of --tasks: the finetune.py data flags (--train_file, --validation_file,
 --test_file, --dataset_name, --dataset_config, --text_column, --label_column, --validation_split)
@@ -21,7 +22,7 @@ given to run_suite.py go to every run; the data set's name (the train file's ste
     python launch/run_suite.py --out runs/mine --train_file reviews.csv --text_column review --label_column stars \\
         -- --train_size 0 --epochs 5 --dev_size 200
 
-Arguments after `--` go to every finetune.py run (e.g. --train_size, --epochs, --lr, --model).
+Arguments after `--` go to every finetune run (e.g. --train_size, --epochs, --lr, --model).
 """
 
 from __future__ import annotations
@@ -29,50 +30,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import os
 import statistics
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from tqdm.auto import tqdm
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from bidrop_ds.config import ABLATIONS, STRATEGIES  # noqa: E402
 from bidrop_ds.data.custom import DataSource, add_data_arguments  # noqa: E402
+from bidrop_ds.training.suite import SWITCHES, Launch, Run, execute, finish, result_path  # noqa: E402
 
-FINETUNE = Path(__file__).resolve().parent / "finetune.py"
 MULTI_PASS = {"bidrop", *ABLATIONS}  # the strategies whose k may be swept
 SWEEPABLE = {"k", "p", "batch_size", "lr", "dps_window", "train_size", "chunks", "epochs", "rescale", "dev_size"}
-SWITCHES = {"rescale"}  # on/off settings: the variant value "on" gives --NAME, "off" --no-NAME
 DEFAULT_TASKS = ["vader-movie"]
 # the scores tabulated: at the last epoch (every run) and at the best-dev epoch (runs with --dev_size)
 SELECTIONS = {"last": "the last epoch", "best_dev": "the best-dev epoch (chosen on the dev split)"}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One fine-tuning run of the suite."""
-
-    task: str
-    strategy: str
-    variant: tuple[tuple[str, str], ...]  # swept settings, e.g. (("k", "4"),)
-    seed: int
-
-    @property
-    def label(self) -> str:
-        """The row of the table: the strategy and its swept settings."""
-        return self.strategy + "".join(f" {key}={value}" for key, value in self.variant)
-
-    @property
-    def run_id(self) -> str:
-        suffix = "".join(f"-{key}{value}" for key, value in self.variant)
-        return f"{self.task}/{self.strategy}{suffix}/seed{self.seed}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -117,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         args.grid = parse_sweeps(args.sweep)
     except ValueError as err:
         parser.error(str(err))
+    args.launch = Launch(ranks=args.ranks, jobs=args.jobs, threads=args.threads, deepspeed=args.deepspeed,
+                         log_every=args.log_every, data=args.data)
     return args, extra
 
 
@@ -147,103 +122,6 @@ def plan(tasks: list[str], strategies: list[str], grid: list[tuple[str, list[str
                 variants = [variant + ((name, value),) for variant in variants for value in values]
             runs += [Run(task, strategy, variant, seed) for variant in variants for seed in seeds]
     return runs
-
-
-def command(run: Run, args: argparse.Namespace, extra: list[str], output: Path) -> list[str]:
-    """The finetune.py command line of one run."""
-    launcher = [sys.executable]
-    if args.ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks)]
-    data = args.data.to_argv() if args.data is not None else ["--task", run.task]
-    cmd = launcher + [str(FINETUNE), *data, "--strategy", run.strategy, "--train_seed", str(run.seed),
-                      "--seed", str(run.seed), "--log_every", str(args.log_every), "--output_json", str(output)]
-    if args.deepspeed:
-        cmd += ["--deepspeed", args.deepspeed]
-    for name, value in run.variant:
-        if name in SWITCHES:
-            cmd.append(f"--{name}" if value == "on" else f"--no-{name}")
-        else:
-            cmd += [f"--{name}", value]
-    return cmd + extra
-
-
-def execute(runs: list[Run], args: argparse.Namespace, extra: list[str], out: Path,
-            more: Callable[[], list[Run]] | None = None) -> list[str]:
-    """Run what is not finished yet, `args.jobs` at a time in the planned order; returns the ids
-    that failed (their logs say why). `more`, asked at the start and after each run ends, names runs
-    that have become ready to go (e.g. a study's later seeds once their learning rate is chosen):
-    those not given before join the end of the queue, so no slot waits for the whole list to end."""
-    env = dict(os.environ)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.ranks * args.jobs))
-    env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    if args.deepspeed:
-        env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    todo = [run for run in runs if not result_path(out, run).exists()]
-    print(f"run_suite: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go "
-          f"(logs in {out / 'logs'})" + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
-    failed: list[str] = []
-    running: list[tuple[Run, subprocess.Popen, float]] = []
-    bar = tqdm(total=len(todo), desc="runs", unit="run", dynamic_ncols=True, position=0)
-    pending, given = list(todo), set(runs)
-    ready = True  # ask `more` now and after each run ends
-    while True:
-        if more is not None and ready:
-            joined = [run for run in dict.fromkeys(more()) if run not in given and not result_path(out, run).exists()]
-            given.update(joined)
-            pending += joined
-            if joined:
-                bar.total += len(joined)
-                tqdm.write(f"run_suite: {len(joined)} more runs ready, {len(pending)} waiting")
-        while len(running) < args.jobs and pending:
-            run = pending.pop(0)
-            running.append((run, _start(run, args, extra, out, env), time.perf_counter()))
-            bar.set_postfix_str(", ".join(r.run_id for r, _, _ in running))
-        if not running:
-            break
-        finished = [entry for entry in running if entry[1].poll() is not None]
-        ready = bool(finished)
-        if not finished:
-            time.sleep(1.0)
-        for entry in finished:
-            running.remove(entry)
-            run, process, started = entry
-            _finish(run, process.returncode, out, time.perf_counter() - started, failed)
-            bar.update(1)
-    bar.close()
-    return failed
-
-
-def _start(run: Run, args: argparse.Namespace, extra: list[str], out: Path, env: dict) -> subprocess.Popen:
-    """Launch one run with its stdout in its log (and its progress too when runs go side by side)."""
-    output, log = result_path(out, run), out / "logs" / f"{run.run_id}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as handle:  # the child keeps its own descriptor
-        return subprocess.Popen(command(run, args, extra, output.with_suffix(".partial.json")), stdout=handle,
-                                stderr=handle if args.jobs > 1 else None, env=env)
-
-
-def _finish(run: Run, code: int, out: Path, seconds: float, failed: list[str]) -> None:
-    output = result_path(out, run)
-    partial = output.with_suffix(".partial.json")
-    if code == 0 and partial.exists():
-        partial.replace(output)  # only a finished run leaves its JSON: a rerun skips it
-        summary = json.loads(output.read_text(encoding="utf-8"))
-        metric = summary.get("headline_metric", "")
-        tqdm.write(f"done {run.run_id}: {metric}={summary.get(metric, math.nan):.4f} in {seconds:.0f}s")
-    else:
-        failed.append(run.run_id)
-        tqdm.write(f"FAILED {run.run_id} (exit {code}); see {out / 'logs' / f'{run.run_id}.log'}")
-
-
-def result_path(out: Path, run: Run) -> Path:
-    return out / "runs" / f"{run.run_id}.json"
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ----- the report ---------------------------------------------------------------------------------
@@ -403,19 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.tasks, args.strategies, args.grid, args.seeds)
-    failed = [] if args.report_only else execute(runs, args, extra, out)
+    failed = [] if args.report_only else execute(runs, args.launch, extra, out)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
     command_line = "python launch/run_suite.py " + " ".join(given)  # the command that makes the table
     return finish("run_suite", write_report(runs, out, command_line), failed)
-
-
-def finish(script: str, report: str, failed: list[str]) -> int:
-    """Print the report; the exit code: 1 if a run failed (named on stderr), else 0."""
-    print(report, flush=True)
-    if failed:
-        print(f"{script}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

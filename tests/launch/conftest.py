@@ -1,5 +1,6 @@
-"""Shared by the launch tests: the script loaded as a module, a tiny config-built BERT with the
-MiniLM tokenizer, small VADER files (no network), and the arguments of a small run."""
+"""Shared by the launch tests: the finetune recipe (`bidrop_ds.recipes.finetune`, what
+launch/finetune.py runs) and the other launch scripts loaded as modules, a tiny config-built BERT with
+the MiniLM tokenizer, small VADER files (no network), and the arguments of a small run."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "finetune.py"
 
 
-def load_script(name: str = "finetune") -> ModuleType:
+def load_script(name: str) -> ModuleType:
     """launch/<name>.py as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -35,7 +36,10 @@ def small_run(model: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def finetune() -> ModuleType:
-    return load_script()
+    """The recipe launch/finetune.py runs."""
+    from bidrop_ds.recipes import finetune as recipe
+
+    return recipe
 
 
 @pytest.fixture(scope="module")

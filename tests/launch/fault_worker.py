@@ -1,4 +1,4 @@
-"""One rank of tests/launch/test_faults.py: `finetune.main()` with its own --deepspeed and
+"""One rank of tests/launch/test_faults.py: the finetune recipe's `main()` with its own --deepspeed and
 --dist_timeout handling, but `run` replaced by a few Bi-Drop steps on the tiny BERT (no data or
 model loading), in which rank 1 stops dead in the middle of a step.
 
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.launch.conftest import load_script  # noqa: E402
+from bidrop_ds.recipes import finetune  # noqa: E402
 from tests.models import random_batch, tiny_bert  # noqa: E402
 
 FAULT_STEP, FAULT_PASS = 2, 2
@@ -58,6 +58,5 @@ def tiny_run(mode: str, time_file: str):
 
 if __name__ == "__main__":
     mode, time_file, *argv = sys.argv[1:]
-    finetune = load_script()
     finetune.run = tiny_run(mode, time_file)
     finetune.main(argv)

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch.distributed as dist
 
 from tests.launch.conftest import ROOT
 
@@ -99,19 +98,7 @@ def test_survivor_exits_when_a_rank_dies_mid_step(mode: str, tmp_path: Path) -> 
         assert seconds >= DIST_TIMEOUT - 0.5, seconds
 
 
-def test_lost_contact_message_and_flag(finetune: ModuleType) -> None:
-    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
-                        "[127.0.0.1]:18116. This is typically caused by a remote worker crashing. GLHF!")
-    assert finetune.lost_contact_message(gloo) == (
-        "finetune.py: rank ? lost contact with the other ranks (Connection closed by peer [127.0.0.1]:18116): exiting")
-    nccl = dist.DistBackendError("NCCL communicator was aborted on rank 1.\nmore")
-    assert "(NCCL communicator was aborted on rank 1): exiting" in finetune.lost_contact_message(nccl, "soak.py")
-    assert finetune.lost_contact_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
-    # a collective mismatch between ranks: a bug, not lost contact
-    desync = RuntimeError("[enforce fail at /pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:446] "
-                          "op.preamble.length <= op.nbytes. 96 vs 64")
-    assert finetune.lost_contact_message(desync) is None
-    assert finetune.lost_contact_message(ValueError("Timed out waiting")) is None
+def test_dist_timeout_flag(finetune: ModuleType) -> None:
     assert finetune.parse_args(["--dist_timeout", "2.5"]).dist_timeout == 2.5
     assert finetune.parse_args([]).dist_timeout is None
     for bad in ("0", "-1", "inf", "nan"):

@@ -10,8 +10,6 @@ from types import ModuleType
 import datasets
 import pytest
 
-from tests.distributed import run_distributed
-from tests.launch.conftest import load_script
 
 CLASSES = {"good": "a warm funny moving film", "bad": "a dull clumsy tedious mess", "ok": "a film of some sort"}
 
@@ -128,30 +126,3 @@ def test_loading_mistakes_are_one_line(finetune: ModuleType, tiny_model: Path, t
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(SystemExit, match="^finetune.py: error: GLUE rte: .*pass data_dir \\(finetune.py: --glue_dir\\)"):
         finetune.main(["--model", str(tiny_model), "--task", "glue-rte"])
-
-
-def _load_turns(rank: int, world_size: int) -> list[tuple[bool, str | None]]:
-    """On each rank, per scenario (nobody fails, rank 1 fails, rank 0 fails): (whether this rank ran the
-    block, the LoadError message it stopped with, or None)."""
-    finetune = load_script()
-    outcomes = []
-    for failing in (None, 1, 0):
-        ran, message = False, None
-        try:
-            with finetune.rank_zero_first():
-                ran = True
-                if rank == failing:
-                    raise FileNotFoundError(f"data.csv missing on rank {rank}")
-        except finetune.LoadError as err:
-            message = str(err)
-        outcomes.append((ran, message))
-    return outcomes
-
-
-def test_a_loading_mistake_on_any_rank_stops_every_rank() -> None:
-    """2 gloo ranks: a mistake in rank 1's turn reaches rank 0 (which had finished), one in rank 0's turn
-    stops rank 1 before it runs the block; nobody waits in a collective (the launch would time out)."""
-    rank0, rank1 = run_distributed(_load_turns, world_size=2, timeout_s=240, collective_timeout_s=60)
-    assert rank0[0] == rank1[0] == (True, None)
-    assert rank0[1] == rank1[1] == (True, "rank 1: data.csv missing on rank 1")
-    assert rank0[2] == (True, "data.csv missing on rank 0") and rank1[2] == (False, "data.csv missing on rank 0")

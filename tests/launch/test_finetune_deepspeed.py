@@ -6,7 +6,6 @@ Each launch costs ~15 s on 2 cores (the first one on a machine also JIT-compiles
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 import pytest
 import torch
@@ -28,19 +28,22 @@ pytest.importorskip("deepspeed")
 EVAL_SIZE = "33"  # odd: the ranks hold 17 and 16 examples, so one rank pads with a dummy batch
 
 
-def launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 launch/finetune.py ARGS` on CPU (a free port each time)."""
+RECIPE = ["-m", "bidrop_ds.recipes.finetune"]  # what the installed recipe runs under a launcher
+
+
+def launch(*args: str, timeout: float = 180, target: Sequence[str] = (str(SCRIPT),)) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 launch/finetune.py ARGS` on CPU (a free port each time);
+    `target` RECIPE: the installed module instead of the script."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target, *args]
     return run_in_session(command, env, timeout, "the 2-rank run")
 
 
-def run_ok(tmp_path: Path, *args: str, timeout: float = 180) -> dict:
+def run_ok(tmp_path: Path, *args: str, timeout: float = 180, target: Sequence[str] = (str(SCRIPT),)) -> dict:
     """Launch, require a clean exit of both ranks, return the summary rank 0 wrote."""
     out = tmp_path / "summary.json"
-    done = launch(*args, "--output_json", str(out), timeout=timeout)
+    done = launch(*args, "--output_json", str(out), timeout=timeout, target=target)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert "terminate called" not in done.stderr
     summary = json.loads(out.read_text())
@@ -121,12 +124,13 @@ def test_zero3_held_out_at_end_restores_the_best_dev_partitions(tiny_model: Path
 
 
 def test_zero3_bf16_reads_the_bidrop_section(tiny_model: Path, vader_cache: Path, tmp_path: Path) -> None:
+    """Started as the installed recipe is: `torchrun -m bidrop_ds.recipes.finetune`."""
     config = json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())
     config["bidrop"] = {"k": 3, "p": 0.5, "seed": 7}  # k is overridden by the --k flag of small_run
     path = tmp_path / "zero3_bf16_bidrop.json"
     path.write_text(json.dumps(config))
     summary = run_ok(tmp_path, "--deepspeed", str(path), *small_run(tiny_model, "--chunks", "2", "--eval_size",
-                                                                    EVAL_SIZE, "--p", "0.5"))
+                                                                    EVAL_SIZE, "--p", "0.5"), target=RECIPE)
     check_summary(summary, stage=3, dtype="bf16", p=0.5)
     assert (summary["bidrop"]["k"], summary["bidrop"]["seed"]) == (2, 7)
 
@@ -147,56 +151,6 @@ def test_uneven_batch_fails_fast_with_the_fix(tiny_model: Path, vader_cache: Pat
     assert done.returncode != 0
     assert "finetune.py: error: --batch_size 18 is the global batch" in done.stderr
     assert "Use --batch_size 16 or --batch_size 20" in done.stderr
-
-
-# ----- in one process: batch arithmetic and config layering -------------------------------------
-
-AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "zero_optimization": {"stage": 2}}
-
-
-def test_batch_fields_are_filled(finetune: ModuleType) -> None:
-    filled = finetune.deepspeed_batch_config(AUTO, batch_size=32, chunks=2, world=4)
-    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
-            filled["train_batch_size"]) == (4, 2, 32)
-    assert filled["zero_optimization"] == {"stage": 2} and AUTO["train_batch_size"] == "auto"
-    agreeing = {**AUTO, "gradient_accumulation_steps": 2, "train_batch_size": 32}
-    assert finetune.deepspeed_batch_config(agreeing, 32, 2, 4) == filled
-
-
-def test_batch_arithmetic_errors_name_numbers_and_fix(finetune: ModuleType) -> None:
-    with pytest.raises(ValueError, match=r"--batch_size 30 .* 4 rank\(s\) x 2 chunk\(s\) = 8 .* "
-                                         r"Use --batch_size 24 or --batch_size 32, or change --chunks"):
-        finetune.deepspeed_batch_config(AUTO, 30, 2, 4)
-    with pytest.raises(ValueError, match=r"cfg\.json: gradient_accumulation_steps=1 \(this run needs 2\), "
-                                         r"train_batch_size=64 \(this run needs 32\) contradicts --batch_size 32"):
-        finetune.deepspeed_batch_config({**AUTO, "gradient_accumulation_steps": 1, "train_batch_size": 64},
-                                        32, 2, 4, source="cfg.json")
-
-
-def test_deepspeed_json_bidrop_section_and_precedence(finetune: ModuleType, tmp_path: Path) -> None:
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({**AUTO, "bidrop": {"k": 4, "p": 0.2, "score": "perturbation"}}))
-    config, section = finetune.load_deepspeed_config(str(ds), 8, 1, 2)
-    assert "bidrop" not in config and config["zero_allow_untested_optimizer"] is True
-    assert section == {"k": 4, "p": 0.2, "score": "perturbation"}
-    (tmp_path / "bidrop.json").write_text(json.dumps({"p": 0.4, "seed": 3}))
-    args = finetune.parse_args(["--bidrop_config", str(tmp_path / "bidrop.json"), "--k", "3"])
-    resolved = finetune.resolve_bidrop_config(args, section, str(ds))
-    # section < --bidrop_config file < flags; keys nobody sets keep the dataclass default
-    assert (resolved.k, resolved.p, resolved.score, resolved.seed, resolved.eps) == (3, 0.4, "perturbation", 3, 1e-8)
-    assert finetune.resolve_bidrop_config(finetune.parse_args([]), None) == finetune.BiDropConfig()
-
-
-def test_deepspeed_json_errors(finetune: ModuleType, tmp_path: Path) -> None:
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({**AUTO, "optimizer": {"type": "Adam"}}))
-    with pytest.raises(ValueError, match=r"remove the 'optimizer' section"):
-        finetune.load_deepspeed_config(str(ds), 8, 1, 2)
-    ds.write_text(json.dumps({**AUTO, "bidrop": {"q": 1}}))
-    _, section = finetune.load_deepspeed_config(str(ds), 8, 1, 2)
-    with pytest.raises(ValueError, match=r"ds\.json: \"bidrop\": BiDropConfig: unknown key\(s\) 'q'"):
-        finetune.resolve_bidrop_config(argparse.Namespace(bidrop_config=None), section, str(ds))
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -65,14 +65,14 @@ def test_lr_is_chosen_on_dev_and_paired_differences_get_t_intervals(study: Modul
     }
     for run, (_, arm, lr) in runs.items():
         if (arm.label, lr) in results and (arm.label, lr, run.seed) != ("bidrop k=2", "2e-5", 1):
-            path = study.run_suite.result_path(tmp_path, run)
+            path = study.suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             dev, held_out = results[arm.label, lr][run.seed]
             path.write_text(json.dumps(summary(dev, held_out, last=held_out - 0.01 * (arm.strategy == "bidrop"))),
                             encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...")
     assert "bidrop k=2 | 1e-4 | 73.00 ± 0.00 (n=1)" in text  # seed 1 is chosen on once every lr has it
-    path = study.run_suite.result_path(tmp_path, next(run for run, (_, arm, lr) in runs.items()
+    path = study.suite.result_path(tmp_path, next(run for run, (_, arm, lr) in runs.items()
                                                       if (arm.label, lr, run.seed) == ("bidrop k=2", "2e-5", 1)))
     path.write_text(json.dumps(summary(*results["bidrop k=2", "2e-5"][1])), encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...")
@@ -133,7 +133,7 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
            ("bidrop k=2", "2e-5"): [0.5, 0.5], ("bidrop k=2", "1e-4"): [0.6, 0.8]}
     for run, (_, arm, lr) in runs.items():
         if run.seed == 0:
-            path = study.run_suite.result_path(tmp_path, run)
+            path = study.suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary(dev[arm.label, lr], 0.7)), encoding="utf-8")
     assert study.remaining_runs(runs, tmp_path, [0, 1]) == []  # seed 1 may still change the choice
@@ -143,7 +143,7 @@ def test_lr_seeds_choose_on_the_first_seeds_and_run_the_rest_at_that_lr(study: M
     assert sorted((run.seed, run.strategy, dict(run.variant)["lr"]) for run in later) == [
         (1, "bidrop", "1e-4"), (1, "vanilla", "2e-5"), (2, "bidrop", "1e-4"), (2, "vanilla", "2e-5")]
     for run in later[:2]:  # seed 1 of both arms, at the chosen lr
-        path = study.run_suite.result_path(tmp_path, run)
+        path = study.suite.result_path(tmp_path, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary([0.1, 0.2], 0.75 if run.strategy == "bidrop" else 0.7)), encoding="utf-8")
     text = study.report(runs, tmp_path, "strategies", 2, "python launch/regime_study.py ...", tuning=[0])
@@ -155,7 +155,7 @@ def test_a_tie_on_dev_goes_to_the_first_lr_whatever_the_float_rounding(study: Mo
     runs = study.plan(["vader-movie-lowres-250"], [study.Arm("vanilla")], ["2e-5", "1e-4"], [0, 1], 2)
     dev = {"2e-5": (0.1, 0.7), "1e-4": (0.3, 0.5)}
     for run, (_, _, lr) in runs.items():
-        path = study.run_suite.result_path(tmp_path, run)
+        path = study.suite.result_path(tmp_path, run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary([dev[lr][run.seed]], 0.7)), encoding="utf-8")
     picked = study.chosen(study.collect(runs, tmp_path), runs)
@@ -175,16 +175,16 @@ def test_an_arms_later_seeds_start_once_its_own_lr_is_chosen(study: ModuleType, 
               " 'best_dev_epoch': 1,"
               " 'at_best_dev_epoch': {'accuracy': 0.7}, 'accuracy': 0.7}, open(out, 'w'))\n"
               "open(events, 'a').write(f'end {run_id}\\n')")
-    monkeypatch.setattr(study.run_suite, "command", lambda run, args, extra, partial: [
+    monkeypatch.setattr(study.suite, "command", lambda run, args, extra, partial: [
         sys.executable, "-c", script, str(partial), run.run_id, str(events)])
     arms = [study.Arm("vanilla"), study.Arm("bidrop", (("k", "2"),))]
     runs = study.plan(["vader-movie-lowres-250"], arms, ["2e-5", "1e-4"], [0, 1], 2)
     last_tuning = [run for run in runs if run.seed == 0][-1]  # Bi-Drop's at 1e-4
     for run in runs:  # seed 0 finished but for that one
         if run.seed == 0 and run != last_tuning:
-            path = study.run_suite.result_path(tmp_path, run)
+            path = study.suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(study.run_suite.command(run, None, [], path), check=True)
+            subprocess.run(study.suite.command(run, None, [], path), check=True)
     events.unlink()
     assert study.main(["--table", "strategies", "--out", str(tmp_path), "--strategies", "bidrop", "--ks", "2",
                        "--tasks", "vader-movie-lowres-250", "--lrs", "2e-5", "1e-4", "--seeds", "0", "1",
@@ -201,7 +201,7 @@ def test_every_run_evaluates_held_out_at_the_end(study: ModuleType, tmp_path: Pa
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The study's runs get --held_out_at end; flags after `--` follow it (so the caller's win)."""
     given = []
-    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out, more=None: given.append(extra) or [])
+    monkeypatch.setattr(study.suite, "execute", lambda runs, args, extra, out, more=None: given.append(extra) or [])
     study.main(["--table", "sensitivity", "--out", str(tmp_path), "--lrs", "2e-5", "--seeds", "0",
                 "--", "--eval_size", "8"])
     assert given == [["--held_out_at", "end", "--eval_size", "8"]]
@@ -214,7 +214,7 @@ def test_a_swept_p_is_also_paired_with_bidrop_at_its_defaults(study: ModuleType,
             "bidrop k=2 p=0.5 rescale=on": (0.75, 0.71), "bidrop k=2 rescale=on": (0.71, 0.71)}
     for run, (_, arm, _) in runs.items():
         if arm.label in held:
-            path = study.run_suite.result_path(tmp_path, run)
+            path = study.suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary([0.6, 0.7], held[arm.label][run.seed])), encoding="utf-8")
     study.report(runs, tmp_path, "sensitivity", 2, "python launch/regime_study.py ...")
@@ -248,12 +248,12 @@ def test_each_further_held_out_set_gets_its_own_paired_rows(study: ModuleType) -
 def test_a_command_for_part_of_a_table_keeps_the_rest_of_it(study: ModuleType, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """--tasks / --strategies narrow what runs, not the tables: runs of other tasks and arms stay in them."""
-    monkeypatch.setattr(study.run_suite, "execute", lambda runs, args, extra, out, more=None: [])
+    monkeypatch.setattr(study.suite, "execute", lambda runs, args, extra, out, more=None: [])
     arms = [study.Arm("vanilla"), study.Arm("dps"), study.Arm("bidrop", (("k", "2"),))]
     for run, (task, arm, _) in study.plan(["vader-movie-lowres-250", "vader-transfer"], arms, ["2e-5"], [0, 1],
                                           3).items():
         if (task, arm.strategy) != ("vader-transfer", "dps"):
-            path = study.run_suite.result_path(tmp_path, run)
+            path = study.suite.result_path(tmp_path, run)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary([0.6, 0.7, 0.65], 0.7 + 0.01 * (arm.strategy != "vanilla"))),
                             encoding="utf-8")

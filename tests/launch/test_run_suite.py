@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from bidrop_ds.training import suite as suite_runs
 from tests.launch.conftest import load_script
 
 
@@ -72,26 +72,6 @@ def test_tiny_suite_end_to_end_and_resume(suite: ModuleType, tiny_model: Path, v
     assert "4 already finished, 0 to go" in capsys.readouterr().out
 
 
-def test_runs_go_side_by_side_and_a_failure_is_reported(suite: ModuleType, tmp_path: Path, monkeypatch,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    """--jobs 2: three runs, at most two at once (each writes its summary as finetune.py would), the
-    failing one named, the others kept."""
-    script = ("import json, os, sys, time; out = sys.argv[1]; time.sleep(0.5)\n"
-              "if 'seed1' in out: sys.exit(3)\n"
-              "json.dump({'headline_metric': 'accuracy', 'accuracy': 0.5, 'threads': os.environ['OMP_NUM_THREADS']},"
-              " open(out, 'w'))")
-    monkeypatch.setattr(suite, "command", lambda run, args, extra, partial: [sys.executable, "-c", script, str(partial)])
-    args, extra = suite.parse_args(["--out", str(tmp_path), "--strategies", "vanilla", "--tasks", "t",
-                                    "--seeds", "0", "1", "2", "--jobs", "2", "--threads", "1"])
-    runs = suite.plan(args.tasks, args.strategies, args.grid, args.seeds)
-    assert suite.execute(runs, args, extra, tmp_path) == ["t/vanilla/seed1"]
-    printed = capsys.readouterr()
-    assert "3 to go" in printed.out and "FAILED t/vanilla/seed1 (exit 3)" in printed.err + printed.out
-    done = {run.seed: json.loads(suite.result_path(tmp_path, run).read_text())["threads"]
-            for run in runs if suite.result_path(tmp_path, run).exists()}
-    assert done == {0: "1", 2: "1"}
-
-
 def test_own_data_goes_to_every_run_and_best_dev_scores_get_their_own_table(suite: ModuleType, tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     train = tmp_path / "reviews.csv"
@@ -102,9 +82,10 @@ def test_own_data_goes_to_every_run_and_best_dev_scores_get_their_own_table(suit
     args, extra = suite.parse_args(argv)
     runs = suite.plan(args.tasks, args.strategies, args.grid, args.seeds)
     assert args.tasks == ["reviews"] and [run.run_id for run in runs][:2] == ["reviews/vanilla/seed0", "reviews/vanilla/seed1"]
-    command = suite.command(runs[0], args, extra, tmp_path / "run.json")
+    command = suite_runs.command(runs[0], args.launch, extra, tmp_path / "run.json")
     assert "--task" not in command and command[-2:] == ["--dev_size", "4"]
-    switched = suite.command(suite.Run("t", "bidrop", (("rescale", "on"), ("p", "0.5")), 0), args, [], tmp_path / "r")
+    switched = suite_runs.command(suite.Run("t", "bidrop", (("rescale", "on"), ("p", "0.5")), 0), args.launch, [],
+                                  tmp_path / "r")
     assert switched[-3:] == ["--rescale", "--p", "0.5"]
     assert command[command.index("--train_file"):command.index("--train_file") + 6] == [
         "--train_file", str(train), "--text_column", "review", "--label_column", "stars"]
