@@ -3,7 +3,7 @@
 inside `deepspeed.zero.Init` so that no rank ever holds the whole model.
 
     with zero3_init(ds_config):      # a no-op unless ds_config is ZeRO-3
-        model = load_classifier(path, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+        model = load_classifier(path, classifier_config(path, num_labels=2, pad_token_id=tokenizer.pad_token_id))
 
 `zero3_init` does what `TrainingArguments(deepspeed=...)` and accelerate's `zero3_init_flag` do: it
 registers the DeepSpeed config with transformers (`HfDeepSpeedConfig`), and `from_pretrained` /
@@ -106,21 +106,39 @@ def classifier_config(path: str, num_labels: int, problem_type: str | None = Non
 def load_classifier(path: str, config: PretrainedConfig) -> PreTrainedModel:
     """`AutoModelForSequenceClassification.from_pretrained` with `config` (`classifier_config`); a
     checkpoint's head of another size is replaced by a fresh one. Inside `zero3_init` the model is
-    built partitioned and the checkpoint's shapes must match (else ValueError): transformers' ZeRO-3
-    loader replaces no head, and 4.x's `ignore_mismatched_sizes` compares the checkpoint's shapes with
-    the partitioned (empty) ones, so it would count every weight as mismatched and load none."""
+    built partitioned and the checkpoint's shapes must match, else ValueError on every rank:
+    transformers' ZeRO-3 loader replaces no head, and 4.x's `ignore_mismatched_sizes` compares the
+    checkpoint's shapes with the partitioned (empty) ones, so it would count every weight as mismatched
+    and load none. That loader reads the checkpoint on rank 0 only, so only rank 0 sees a mismatch: the
+    ranks agree on it with one small collective, lest the others go on to wait at their next one."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     partitioned = is_deepspeed_zero3_enabled()
+    model, mismatch = None, None
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                                  ignore_mismatched_sizes=not partitioned)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                   ignore_mismatched_sizes=not partitioned)
     except RuntimeError as err:
-        if partitioned and "size mismatch" in str(err):
-            raise ValueError(f"{path}: under ZeRO-3 the checkpoint's head must have num_labels={config.num_labels} "
-                             "outputs (transformers' ZeRO-3 loader replaces no head); save the model with the "
-                             "new head once without ZeRO-3 and load that") from err
-        raise
+        if not (partitioned and "size mismatch" in str(err)):
+            raise
+        mismatch = err
+    if partitioned and _on_any_rank(mismatch is not None):
+        raise ValueError(f"{path}: under ZeRO-3 the checkpoint's head must have num_labels={config.num_labels} "
+                         "outputs (transformers' ZeRO-3 loader replaces no head); save the model with the "
+                         "new head once without ZeRO-3 and load that") from mismatch
+    return model
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of the default process group (one all-reduce of one number,
+    on the accelerator DeepSpeed uses, as NCCL needs); `flag` itself when no group of 2+ ranks is up."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    from deepspeed.accelerator import get_accelerator
+
+    found = torch.tensor([int(flag)], device=get_accelerator().current_device_name())
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return bool(found.item())
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """bidrop_ds.models: dropout settings, pad tokens, the SFT loss, and decoder LLMs (a tiny Llama) under
 ZeRO-3 bf16 on 2 gloo ranks against the float64 oracle: as a sequence classifier built inside
 deepspeed.zero.Init (partitioned at construction, training equal to the model built whole) and as a
-causal LM with the SFT loss through `loss_fn`."""
+causal LM with the SFT loss through `loss_fn`; and a checkpoint whose head has another size, refused
+under ZeRO-3. The 2-rank checks share one launch (`decoder_ranks`)."""
 
 from __future__ import annotations
 
@@ -107,11 +108,36 @@ def _decoder_scenarios(rank: int, world_size: int, folder: str) -> dict:
     return out
 
 
-def test_llama_under_zero3_bf16_matches_oracle(tmp_path: Path) -> None:
+def _load_a_head_of_another_size(rank: int, world_size: int, folder: str) -> str:
+    """The 3-label checkpoint in `folder` as a 2-label classifier inside zero.Init: the ValueError's message."""
+    with zero3_init(ds_config(3, "fp32", 1, world_size)), pytest.raises(ValueError) as refused:
+        load_classifier(folder, classifier_config(folder, num_labels=2))
+    return str(refused.value)
+
+
+def _decoder_launch(rank: int, world_size: int, folder: str, three_labels: str) -> dict:
+    """`_decoder_scenarios`, then the refusal of `three_labels` (each rank's message under "head_refusal")."""
+    out = _decoder_scenarios(rank, world_size, folder)
+    out["head_refusal"] = _load_a_head_of_another_size(rank, world_size, three_labels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoder_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """One 2-rank launch: `_decoder_scenarios` on a saved tiny Llama, then the refused 3-label checkpoint
+    (returned with the per-rank results: the error names its folder)."""
     pytest.importorskip("deepspeed")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    tiny_llama(seed=0).save_pretrained(tmp_path)  # attention_dropout 0.2, pad_token_id 0
-    ranks = run_distributed(_decoder_scenarios, world_size=2, timeout_s=600, folder=str(tmp_path))
+    folder, three_labels = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("llama_3_labels")
+    tiny_llama(seed=0).save_pretrained(folder)  # attention_dropout 0.2, pad_token_id 0
+    LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).save_pretrained(three_labels)
+    ranks = run_distributed(_decoder_launch, world_size=2, timeout_s=600, folder=str(folder),
+                            three_labels=str(three_labels))
+    return ranks, three_labels
+
+
+def test_llama_under_zero3_bf16_matches_oracle(decoder_ranks: tuple[list[dict], Path]) -> None:
+    ranks, _ = decoder_ranks
     for out in ranks:
         # built partitioned: this rank held about half of the model from the start, nothing in the tensors
         assert out["partitioned_held"] <= out["total"] // 2 + 64 and out["local_numel"] == 0, out
@@ -125,20 +151,11 @@ def test_llama_under_zero3_bf16_matches_oracle(tmp_path: Path) -> None:
             assert row["passes_differ"], row
 
 
-def _load_a_head_of_another_size(rank: int, world_size: int, folder: str) -> str:
-    """The 3-label checkpoint in `folder` as a 2-label classifier inside zero.Init: the ValueError's message."""
-    with zero3_init(ds_config(3, "fp32", 1, world_size)), pytest.raises(ValueError) as refused:
-        load_classifier(folder, classifier_config(folder, num_labels=2))
-    return str(refused.value)
-
-
-def test_zero3_head_of_another_size_is_refused(tmp_path: Path) -> None:
+def test_zero3_head_of_another_size_is_refused(decoder_ranks: tuple[list[dict], Path]) -> None:
     """transformers' ZeRO-3 loader replaces no head (and 4.x's `ignore_mismatched_sizes` would take every
-    partitioned weight for mismatched): a one-line ValueError, on 4.x and 5.x alike."""
-    pytest.importorskip("deepspeed")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).save_pretrained(tmp_path)
-    (message,) = run_distributed(_load_a_head_of_another_size, world_size=1, timeout_s=120, folder=str(tmp_path))
-    assert message == (f"{tmp_path}: under ZeRO-3 the checkpoint's head must have num_labels=2 outputs "
-                       "(transformers' ZeRO-3 loader replaces no head); save the model with the new head once "
-                       "without ZeRO-3 and load that")
+    partitioned weight for mismatched): a one-line ValueError on every rank, on 4.x and 5.x alike."""
+    ranks, folder = decoder_ranks
+    for out in ranks:
+        assert out["head_refusal"] == (f"{folder}: under ZeRO-3 the checkpoint's head must have num_labels=2 outputs "
+                                       "(transformers' ZeRO-3 loader replaces no head); save the model with the "
+                                       "new head once without ZeRO-3 and load that")
