@@ -18,7 +18,9 @@ builds anything.
 Seeded runs (`BiDropConfig(seed=...)`) resume bit for bit: the passes' dropout draws depend only on
 (seed, step_index, pass, rank), and `step_index` is restored. With `seed=None` they come from torch's
 global RNG, which is not saved. The directory must be one that every rank sees (a shared filesystem).
-FSDP2 models are not supported yet.
+FSDP2 models are not supported yet. DeepSpeed ZeRO-1/2 with round_robin_gradients saves and resumes
+exactly; loading it through DeepSpeed's universal checkpoints (`"checkpoint": {"load_universal": true}`)
+is refused, since DeepSpeed places the masters there through a mapping that ignores round robin.
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ def load_checkpoint(model: nn.Module, bidrop: BiDrop, directory: str | os.PathLi
     directory = Path(directory)
     tag = _agreed_tag(directory, tag)
     if kind == "deepspeed":
+        refuse_universal_round_robin("load_checkpoint", model.zero_optimization_stage(),
+                                     model.zero_round_robin_gradients(), model.load_universal_checkpoint())
         path, state = model.load_checkpoint(str(directory), tag=tag)
         if path is None or STATE_KEY not in state:
             raise IncompleteCheckpointError(f"load_checkpoint: DeepSpeed found no Bi-Drop checkpoint at "
@@ -241,6 +245,17 @@ def load_checkpoint(model: nn.Module, bidrop: BiDrop, directory: str | os.PathLi
             scheduler.load_state_dict(state["scheduler"])
     _restore_plugin(bidrop, state[STATE_KEY], directory / tag)
     return dict(state.get(CLIENT_KEY) or {})
+
+
+def refuse_universal_round_robin(what: str, stage: int, round_robin: bool, load_universal: bool) -> None:
+    """DeepSpeed loads a universal checkpoint into ZeRO-1/2 through each parameter's `_hp_mapping`,
+    which it links in the unreordered order under round_robin_gradients: the fp32 masters would be
+    loaded onto other elements. Refuse that combination by name (regular checkpoints are exact)."""
+    if stage in (1, 2) and round_robin and load_universal:
+        raise ValueError(f"{what}: DeepSpeed's universal checkpoint loading (\"checkpoint\": {{\"load_universal\": "
+                         "true}) with \"round_robin_gradients\": true on ZeRO-1/2 loads the fp32 masters onto other "
+                         "elements (DeepSpeed's parameter mapping ignores the round-robin order); resume from a "
+                         "regular checkpoint, or train with round_robin_gradients false")
 
 
 def _check_arguments(what: str, model: nn.Module, bidrop: BiDrop, optimizer: torch.optim.Optimizer | None,

@@ -46,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from bidrop_ds.backends.deepspeed_zero import is_deepspeed_engine
 from bidrop_ds.bidrop import BiDrop, StepResult
-from bidrop_ds.checkpoint import IncompleteCheckpointError
+from bidrop_ds.checkpoint import IncompleteCheckpointError, refuse_universal_round_robin
 from bidrop_ds.config import BiDropConfig
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ class BiDropTrainerMixin:
     # ----- train / resume ------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train` from a complete checkpoint only (see `_complete_checkpoint`), with the Bi-Drop
-        state restored from its `bidrop_state.json`."""
+        state restored from its `bidrop_state.json`. Under DeepSpeed, resuming through universal-checkpoint
+        loading with round_robin_gradients on ZeRO-1/2 is refused (`refuse_universal_round_robin`)."""
         self.bidrop = None  # created at the first training_step, on this call's model/optimizer/engine
         self.bidrop_last_result = None
         self._bidrop_chunks = []
@@ -164,6 +165,12 @@ class BiDropTrainerMixin:
         self._bidrop_resume_state, self._bidrop_resume_missing = None, False
         resume_from_checkpoint = _complete_checkpoint(resume_from_checkpoint, self.args.output_dir)
         checkpoint = None if isinstance(resume_from_checkpoint, bool) else resume_from_checkpoint
+        deepspeed_config = getattr(getattr(self.args, "hf_deepspeed_config", None), "config", None)
+        if checkpoint is not None and deepspeed_config:
+            zero = deepspeed_config.get("zero_optimization", {})
+            universal = deepspeed_config.get("checkpoint", {}).get("load_universal", False)
+            refuse_universal_round_robin("BiDrop Trainer", zero.get("stage", 0),
+                                         zero.get("round_robin_gradients", False), universal)
         if checkpoint is not None:
             path = os.path.join(checkpoint, STATE_NAME)
             if os.path.isfile(path):

@@ -2,9 +2,11 @@
 downloads. In one process: the first optimizer step equals a hand-run `BiDrop.step(chunks)`, k=1 is the vanilla
 Trainer bit for bit, a resumed run ends where the uninterrupted one does (also when `resume_from_checkpoint=True`
 must skip a newest checkpoint whose writer was killed; incomplete checkpoints are refused), a non-finite step is
-skipped, misuse errors. On 2 real ranks (torchrun, gloo; this file is also the rank script): DeepSpeed ZeRO-2 and
-ZeRO-3 (fp32), DDP and (forced on CPU) FSDP2 train 3 steps, and their first step equals a hand-run BiDrop fed the
-same chunks; under DDP each pass is all-reduced once.
+skipped, misuse errors; 6 steps follow an independent reference replica (tests/reference.py) at every step,
+across a skipped step and a save and resume through the Trainer's checkpoints in the middle. On 2 real ranks
+(torchrun, gloo; this file is also the rank script): DeepSpeed ZeRO-2 and ZeRO-3 (fp32), DDP and (forced on CPU)
+FSDP2 train 4 steps, every one in lockstep with the reference, and their first step equals a hand-run BiDrop fed
+the same chunks; under DDP each pass is all-reduced once.
 
 About the loss scaling: BERT's classification forward takes **kwargs, so the Trainer passes it
 `num_items_in_batch` and counts its loss as already scaled for gradient accumulation, although BERT's loss is a
@@ -39,6 +41,7 @@ from bidrop_ds.integrations.hf_trainer import (STATE_NAME, BiDropTrainer, BiDrop
                                                incomplete_trainer_checkpoint_reason)
 from tests.models import random_batch, tiny_bert
 from tests.launching import run_in_session
+from tests.reference import Reference, held_weights, lockstep, record_reads
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-3
@@ -342,6 +345,96 @@ def test_non_finite_step_is_skipped(tmp_path: Path) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(initial, model.parameters())) <= 1.05 * LR  # not 2 x lr
 
 
+# ----- lockstep with an independent reference (tests/reference.py) ---------------------------------
+
+class LockstepTrainer(RecordingTrainer):
+    """Records the passes Bi-Drop reads in each optimizer step (`step_reads`), for `FollowReference`.
+    `nan_step`: in the step that starts at this global step, every pass after the first has a NaN loss."""
+
+    nan_step: int | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.bidrop is None:  # built here rather than in the window's last micro-batch: to record its reads
+            self.bidrop = self._bidrop_create(model)
+        with record_reads(self.bidrop) as reads:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if reads:
+            self.step_reads = reads
+        return loss
+
+    def compute_loss(self, model, inputs, **kwargs):
+        loss = super().compute_loss(model, inputs, **kwargs)
+        if self.state.global_step == self.nan_step:
+            self.nan_calls = getattr(self, "nan_calls", 0) + 1
+            if self.nan_calls > self.args.gradient_accumulation_steps:  # pass 2 on
+                loss = loss * float("nan")
+        return loss
+
+
+class FollowReference(TrainerCallback):
+    """After every optimizer step of `trainer`, the reference takes the same step (its own passes on the
+    window's chunks, the oracle's update, its own optimizer at the LR the trainer's step used) or skips it;
+    `rows` get the errors. `stop_at`: end training after that global step (its checkpoint is saved)."""
+
+    def __init__(self, reference: Reference) -> None:
+        self.reference, self.rows, self.trainer, self.stop_at = reference, [], None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.lr = self.trainer.lr_scheduler.get_last_lr()[0] if self.trainer.lr_scheduler is not None else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer, reference = self.trainer, self.reference
+        if self.lr is not None:
+            for group in reference.optimizer.param_groups:
+                group["lr"] = self.lr
+        if trainer.bidrop_last_result.skipped:
+            reference.skip()
+            row = {"weight_err": reference.weight_error(held_weights(trainer.bidrop))}
+        else:
+            chunks = trainer.seen[-args.gradient_accumulation_steps:]
+            row = lockstep(reference, trainer.bidrop, trainer.step_reads, chunks)
+            row.update(kept_fraction=trainer.bidrop_last_result.kept_fraction, reads=len(trainer.step_reads))
+            del row["mask"]
+        self.rows.append({"step": state.global_step, "skipped": trainer.bidrop_last_result.skipped, **row})
+        if state.global_step == self.stop_at:
+            control.should_training_stop = True
+
+
+def assert_follows(rows: list[dict], k: int, weight_bound: float) -> None:
+    """Every step: weights within `weight_bound` of the reference's (relative to each element's travel); a step
+    taken: k reads equal to the reference's passes (fp32 rounding), the oracle's mask, its kept fraction."""
+    for row in rows:
+        assert row["weight_err"] <= weight_bound, row
+        if not row["skipped"]:
+            assert row["reads"] == k and row["read_err"] <= 1e-6 and row["mask_hard_differs"] == 0, row
+            assert abs(row["kept_fraction"] - row["kept"] / row["N"]) < 2e-4, row
+
+
+@pytest.mark.parametrize("kind, k", [("sgd", 2), ("adamw", 3)])
+def test_every_step_follows_the_reference_across_a_skip_and_a_resume(kind: str, k: int, tmp_path: Path) -> None:
+    """6 steps of 2 micro-batches in lockstep with the reference: step 2's passes after the first are NaN (skipped;
+    the reference skips it too), the run stops after saving checkpoint-3, a new Trainer on a model of other
+    weights, with a fresh optimizer, resumes from it, and steps 4-6 still follow the reference."""
+    config = BiDropConfig(k=k, p=0.3, seed=13)
+
+    def make(params):
+        return torch.optim.SGD(params, lr=0.5) if kind == "sgd" else torch.optim.AdamW(params, lr=1e-2)
+
+    follow = FollowReference(Reference(tiny_bert(0), make, config))
+    args = training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    for seed, resume in ((0, None), (1, str(tmp_path / "checkpoint-3"))):
+        model = tiny_bert(seed)
+        trainer = LockstepTrainer(model=model, args=args, train_dataset=Rows(), callbacks=[follow],
+                                  optimizers=(make(model.parameters()), None), bidrop_config=config)
+        trainer.model_accepts_loss_kwargs = False  # see the module docstring
+        trainer.nan_step = 1
+        follow.trainer, follow.stop_at = trainer, 3 if resume is None else None
+        trainer.train(resume_from_checkpoint=resume)
+    assert [(row["step"], row["skipped"]) for row in follow.rows] == [(s, s == 2) for s in range(1, 7)]
+    assert_follows(follow.rows, k, weight_bound=1e-4)
+    assert trainer.bidrop.step_index == 6 and trainer.bidrop.skipped_steps == 1
+
+
 def test_import_bidrop_ds_does_not_import_the_trainer() -> None:
     code = "import sys, bidrop_ds; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -362,10 +455,14 @@ def launch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return run_in_session(command, env, timeout, "the 2-rank run")
 
 
+TWO_RANK_STEPS = 4
+
+
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "ddp", "fsdp2"])
 def test_two_ranks(mode: str, tmp_path: Path) -> None:
-    """3 steps of 2 micro-batches on each of 2 ranks; the first step against a hand-run BiDrop fed the chunks
-    each rank saw, on the same backend (DeepSpeed engine, DDP) or, for FSDP2, on DDP (the same math).
+    """4 steps of 2 micro-batches on each of 2 ranks, every one in lockstep with the reference (AdamW at the
+    Trainer's linearly decaying LR); the first step also against a hand-run BiDrop fed the chunks each rank saw,
+    on the same backend (DeepSpeed engine, DDP) or, for FSDP2, on DDP (the same math).
     FSDP2 is forced on CPU: accelerate does not attach its FSDP plugin there, so the rank script switches the
     state to FSDP after the Trainer built its accelerator (a GPU run is the real check, not run here)."""
     if mode.startswith("zero"):
@@ -375,25 +472,32 @@ def test_two_ranks(mode: str, tmp_path: Path) -> None:
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert "terminate called" not in done.stderr
     result = json.loads(out.read_text())
-    assert result["world"] == 2 and result["global_step"] == 3
-    assert result["bidrop_steps"] == 3 and result["skipped"] == 0
-    assert all(math.isfinite(loss) for loss in result["losses"]) and len(result["losses"]) == 3
-    assert result["kept"] == pytest.approx([0.3] * 3, abs=0.01)
-    assert result["final_lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay to 0: the scheduler stepped 3 times
+    steps = TWO_RANK_STEPS
+    assert result["world"] == 2 and result["global_step"] == steps
+    assert result["bidrop_steps"] == steps and result["skipped"] == 0
+    assert all(math.isfinite(loss) for loss in result["losses"]) and len(result["losses"]) == steps
+    assert result["kept"] == pytest.approx([0.3] * steps, abs=0.01)
+    assert result["final_lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay to 0: the scheduler stepped every step
+    for rows in result["lockstep"]:  # each rank's
+        assert [row["step"] for row in rows] == list(range(1, steps + 1))
+        # AdamW amplifies fp32 rounding on tiny gradients; ZeRO-3's reduction order: measured <= 1.1e-4
+        assert_follows(rows, k=2, weight_bound=1e-3)
     assert result["first_step_max_diff"] <= 1e-6  # 0.0 when written
     assert result["first_step_loss"] == approx_logged_loss(result["hand_loss"])
     if mode == "ddp":
         # each pass all-reduced once: the chunk before the last ran under no_sync, as in the hand-run
-        assert result["trainer_allreduces"] == 3 * result["hand_allreduces"] and result["hand_allreduces"] >= 2
+        assert result["trainer_allreduces"] == steps * result["hand_allreduces"] and result["hand_allreduces"] >= 2
     elif mode == "fsdp2":
         assert result["backend"] == "Fsdp2Backend"
     else:
-        assert (result["stage"], result["engine_global_steps"]) == (int(mode[-1]), 3)  # one engine.step() per window
+        # one engine.step() per window
+        assert (result["stage"], result["engine_global_steps"]) == (int(mode[-1]), steps)
     assert result["built_partitioned"] == (mode == "zero3")  # from_pretrained inside zero.Init, same first step
 
 
 def rank_main(argv: list[str]) -> None:
-    """One rank: a BiDropTrainer on DeepSpeed ZeRO-2/3 (fp32) or DDP for 3 steps of 2 micro-batches, then a
+    """One rank: a BiDropTrainer on DeepSpeed ZeRO-2/3 (fp32), DDP or FSDP2 for 4 steps of 2 micro-batches (each
+    followed by the reference's), then a
     hand-run BiDrop on a fresh engine / DDP model fed the chunks this rank saw in step 1; rank 0 writes the
     numbers. Ends as the field notes say (destroy the engines, collect, barrier, destroy the group)."""
     import argparse
@@ -448,7 +552,7 @@ def rank_main(argv: list[str]) -> None:
             if state.global_step == 1:
                 self.params = gathered(model)
 
-    class Counting(RecordingTrainer):
+    class Counting(LockstepTrainer):
         """Counts the DDP all-reduces (a comm hook, registered before the first backward)."""
 
         calls: list[int] | None = None
@@ -477,20 +581,29 @@ def rank_main(argv: list[str]) -> None:
         folder = Path(opts.workdir) / "tiny-bert"
         model.save_pretrained(folder)  # writes on the main process only
         dist.barrier()
-    args = training_args(Path(opts.workdir) / "out", max_steps=3, lr_scheduler_type="linear", optim="adamw_torch",
+    args = training_args(Path(opts.workdir) / "out", max_steps=TWO_RANK_STEPS, lr_scheduler_type="linear",
+                         optim="adamw_torch",
                          **extra)
     if stage == 3:
         model = type(model).from_pretrained(folder)
     built_partitioned = all(p.numel() == 0 and hasattr(p, "ds_numel") for p in model.parameters())
-    trainer = Counting(model=model, args=args, train_dataset=Rows(n=48), callbacks=[first], bidrop_config=config)
+    # after TrainingArguments, which starts the process group under DDP and FSDP2 (the reference reduces over it)
+    follow = FollowReference(Reference(tiny_bert(0), lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0),
+                                       config))  # the Trainer's adamw_torch: no decay
+    trainer = Counting(model=model, args=args, train_dataset=Rows(n=48), callbacks=[first, follow],
+                       bidrop_config=config)
     trainer.model_accepts_loss_kwargs = False  # see the module docstring
+    follow.trainer = trainer
     trainer.train()
+    lockstep_rows = [None] * dist.get_world_size()
+    dist.all_gather_object(lockstep_rows, follow.rows)
     logs = [log for log in trainer.state.log_history if "loss" in log]
     result = {"mode": opts.mode, "world": dist.get_world_size(), "global_step": trainer.state.global_step,
               "bidrop_steps": trainer.bidrop.step_index, "skipped": trainer.bidrop.skipped_steps,
               "losses": [log["loss"] for log in logs], "kept": [log["bidrop_kept_fraction"] for log in logs],
               "final_lr": trainer.lr_scheduler.get_last_lr()[0], "first_step_loss": logs[0]["loss"],
-              "backend": type(trainer.bidrop.backend).__name__, "built_partitioned": built_partitioned}
+              "backend": type(trainer.bidrop.backend).__name__, "built_partitioned": built_partitioned,
+              "lockstep": lockstep_rows}
     chunks, trainer_calls = trainer.seen[:2], trainer.calls
     if deepspeed_mode:
         engine = trainer.model_wrapped
