@@ -192,6 +192,23 @@ class Zero12Partition:
     def begin_step(self) -> None:
         """Nothing: each step's first reduction starts DeepSpeed's accumulators afresh."""
 
+    def begin_window(self) -> None:
+        """Before a pass's reducing backward on ZeRO-1 (each pass its own accumulation window):
+        under offload, make it the window's first micro-step for DeepSpeed. Its micro-step count
+        restarts only in `step()`, and from the second reduction on its offload path adds the host
+        accumulator (`accumulated_grads_in_cpu`), which then holds an earlier pass (this step's
+        previous one, or the last step's last): the pass is copied straight into the host fp32
+        partition instead, as DeepSpeed does for a window of one micro-step."""
+        if self.offload:
+            self._restart_micro_steps()
+
+    def _restart_micro_steps(self) -> None:
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        self.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        if self.offload:
+            self.optimizer._offload_accumulated_param_ids = set()
+
     def views(self) -> list[torch.Tensor]:
         opt, out, listed_by_group = self.optimizer, [], {}
         if self.offload and self.engine.is_gradient_accumulation_boundary():
@@ -227,15 +244,18 @@ class Zero12Partition:
             _record_norms(self.optimizer, [place[-1] for place in self._places], self._offloaded)
 
     def skipped(self) -> None:
-        """A step skipped without DeepSpeed's: restart its micro-step count as its step would, else
-        the next step's first pass adds to the skipped ones; under offload also zero the host
-        accumulators, which keep the skipped (non-finite) passes."""
-        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-        self.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        """A step skipped without DeepSpeed's: drop what its step would have consumed. Its
+        micro-step count (else the next step's first pass adds to the skipped ones); the listed
+        gradients (`averaged_gradients`: under offload with fp32 accumulation of 16-bit gradients
+        a compact buffer that keeps summing, the skipped passes included); under offload also
+        the host accumulators, and the overflow flag and norms recorded as the skipped passes
+        reached the host (`reset_cpu_buffers`; a stale overflow flag skips the next step in bf16)."""
+        self._restart_micro_steps()
+        for group in self.optimizer.averaged_gradients:
+            self.optimizer.averaged_gradients[group] = None
         if self.offload:
-            self.optimizer._offload_accumulated_param_ids = set()
             zero_all(list(self.optimizer.accumulated_grads_in_cpu.values()))
+            self.optimizer.reset_cpu_buffers()
 
 
 def _record_norms(optimizer, param_ids: list[int], grads: list[torch.Tensor]) -> None:
@@ -336,7 +356,10 @@ class DeepSpeedBackend(ShardedBackend):
         """Mark DeepSpeed's accumulation boundary: every pass end where the stage reduces there,
         else only the step's final backward (which readies DeepSpeed's step)."""
         every_pass = self.partition.boundary_every_pass
-        self.engine.set_gradient_accumulation_boundary(last_in_pass if every_pass else last_in_step)
+        boundary = last_in_pass if every_pass else last_in_step
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        if boundary and every_pass:
+            getattr(self.partition, "begin_window", lambda: None)()
         yield
 
     def backward(self, loss: torch.Tensor, chunks: int) -> None:
