@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_summary.py RESULTS_DIR
 
-Reads step_zero2_bf16.json (benchmarks/step_time.py), selection.json (benchmarks/selection.py) and
-apply_mask.json (benchmarks/apply_mask_micro.py) from RESULTS_DIR; a missing file is reported as
-"no result", so one part that failed or timed out does not hide the others.
+Reads step_zero2_bf16.json (benchmarks/step_time.py), selection.json (benchmarks/selection.py),
+apply_mask.json (benchmarks/apply_mask_micro.py) and the decoder SFT rows step_sft_full.json and
+step_sft_lora.json (benchmarks/step_time.py --model llama) from RESULTS_DIR; a missing file is
+reported as "no result", so one part that failed or timed out does not hide the others.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 
 STEP_JSON, SELECTION_JSON, APPLY_MASK_JSON = "step_zero2_bf16.json", "selection.json", "apply_mask.json"
+SFT_JSONS = ("step_sft_full.json", "step_sft_lora.json")
 
 
 def load(directory: str, name: str) -> dict | None:
@@ -56,9 +58,25 @@ def apply_mask_lines(micro: dict) -> list[str]:
             for r in micro["rows"]]
 
 
+def sft_lines(step: dict) -> list[str]:
+    """The decoder SFT row: step ratio, the plugin's buffers and a Bi-Drop step's peak over vanilla's."""
+    kind = "GPU memory" if step["device"] == "cuda" else "RSS"
+    over = max(step.get("bidrop_step_peak_over_vanilla_mib_by_rank", [math.nan]))
+    return [f"decoder SFT {step['model']}, {step['params'] / 1e6:.0f}M params ({step['trainable_params'] / 1e6:.2f}M "
+            f"trained) {step['dtype']} ZeRO-{step['stage']} {step['ranks']} {step['device']} rank(s): Bi-Drop / "
+            f"(k x vanilla) {step['step_time_ratio']:.3f} (goal {step['step_time_goal']}: {step['goal_met']}); "
+            f"vanilla {step['vanilla_step_s'] * 1e3:.0f} ms; plugin buffers "
+            f"{step['plugin_bytes_per_rank'] / 2**20:.2f} MiB (4 x eligible owned = "
+            f"{step['bound_bytes_per_rank'] / 2**20:.2f} MiB); a Bi-Drop step's peak {kind} "
+            f"over a vanilla step's {over:.1f} MiB (goal <= 8 MiB beyond the buffers: "
+            f"{step.get('step_peak_goal_met')})"]
+
+
 def main(directory: str) -> None:
     print("\n== figures next to their goals")
-    for name, lines in ((STEP_JSON, step_lines), (SELECTION_JSON, selection_lines), (APPLY_MASK_JSON, apply_mask_lines)):
+    parts = [(STEP_JSON, step_lines), (SELECTION_JSON, selection_lines), (APPLY_MASK_JSON, apply_mask_lines)]
+    parts += [(name, sft_lines) for name in SFT_JSONS]
+    for name, lines in parts:
         result = load(directory, name)
         print("\n".join(lines(result)) if result else f"{name}: no result (see the output above)")
 

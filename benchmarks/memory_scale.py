@@ -4,9 +4,11 @@ for 7B / 13B / 70B models on 8 and 64 GPUs.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/memory_scale.py            # ~341M parameters
     python benchmarks/memory_scale.py --layers 2 --hidden 128 --steps 1               # a quick look
+    python benchmarks/memory_scale.py --from_results benchmarks/results/memory_scale.json  # reprint, no job
 
 Each (setup, mode) runs as its own 2-rank torchrun job (bf16, fp32 gradient accumulation, k = 2,
-p = 0.3): the model is built (inside zero.Init under ZeRO-3), a few steps run, and each rank
+p = 0.3; --one_launch: all of them in turn in one job, as the test suite does): the model is built
+(inside zero.Init under ZeRO-3), a few steps run, and each rank
 reports its peak RSS and the bytes of each part of the model state it holds, read off the tensors
 themselves: the bf16 parameters, the fp32 master weights, the gradient partition, the optimizer
 state (Adam's two moments) and Bi-Drop's own buffers (`BiDrop.memory_bytes()`). Each part is
@@ -15,6 +17,10 @@ printed as bytes per model element (x ranks for the partitioned parts), and the 
                     + P_eligible x b_bidrop / N
 (s_param = 1 under ZeRO-2, N under ZeRO-3; s_grad = N; offload moves b_grad, b_master, b_adam and
 b_bidrop to host memory, and offload_param also b_param) is filled in with the measured b's.
+With LoRA (rank --lora_r on q_proj and v_proj, the Llama shapes in LLAMA_SHAPES) the frozen base
+costs P x b_param / s_param, the L LoRA elements the full formula, and Bi-Drop's extra is
+L x b_bidrop / N: 4 bytes per LoRA element a rank owns (benchmarks/step_time.py --model llama
+--lora 16 measures exactly that on a 2-rank ZeRO-3 run).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ SETUPS = {  # name -> zero_optimization section
                       "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
 }
 MODELS = {"7B": (6.74e9, 0.96), "13B": (13.0e9, 0.97), "70B": (69.0e9, 0.98)}  # params, eligible fraction
+# Llama-2 shapes: (layers, hidden, v_proj output width: grouped-query attention makes 70B's 8 x 128)
+LLAMA_SHAPES = {"7B": (32, 4096, 4096), "13B": (40, 5120, 5120), "70B": (80, 8192, 1024)}
 GPUS = (8, 64)
 MICRO, LENGTH = 2, 32
 # ZeRO-2 builds its fp32 gradient partition at the step's last backward and frees it in the step,
@@ -66,20 +74,30 @@ def _storage_bytes(tensors, seen: set) -> int:
     return total
 
 
+def job_file(folder: Path, job: str) -> Path:
+    """Where the rows of job "setup/mode" are written."""
+    return folder / f"{job.replace('/', '-')}.json"
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One rank of one (setup, mode) job: build, train a few steps, report memory as JSON."""
+    """One rank of a job: for each of its (setup, mode) pairs in turn, build, train a few steps and
+    report memory as JSON in --out (the peak RSS mark is reset before each pair)."""
     import torch
     import torch.distributed as dist
 
+    from benchmarks.rss import reset_peak_rss
     from bidrop_ds.comm import close_process_group
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    row = measure(args)  # destroys its engine; its references die on return
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, row)
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(rows))
+    for job in args.jobs:
+        args.setup, args.mode = job.split("/")
+        reset_peak_rss()
+        row = measure(args)  # destroys its engine; its references die on return
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            job_file(Path(args.out), job).write_text(json.dumps(rows))
     close_process_group()
 
 
@@ -131,18 +149,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def run_job(args: argparse.Namespace, setup: str, mode: str, out: Path) -> list[dict]:
+def run_job(args: argparse.Namespace, jobs: list[str], out: Path) -> None:
+    """One 2-rank torchrun job that measures each "setup/mode" of `jobs` in turn, into `out`/setup-mode.json."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               __file__, "--worker", "--setup", setup, "--mode", mode, "--out", str(out),
+               __file__, "--worker", "--jobs", *jobs, "--out", str(out),
                "--layers", str(args.layers), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
                "--heads", str(args.heads), "--vocab", str(args.vocab), "--steps", str(args.steps)]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
-    print(f"[{setup} {mode}] running ...", flush=True)
+    print(f"[{' '.join(jobs)}] running ...", flush=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
-        raise SystemExit(f"memory_scale.py: the {setup} {mode} job failed (exit {done.returncode}):\n"
+        raise SystemExit(f"memory_scale.py: the {' '.join(jobs)} job failed (exit {done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
 
 
 def per_element(rows: list[dict]) -> dict[str, float]:
@@ -154,10 +172,19 @@ def per_element(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def projection(measured: dict[str, dict[str, float]]) -> list[str]:
-    """Per-GPU model-state GiB for 7B/13B/70B on 8/64 GPUs from the measured bytes per element."""
-    lines = ["| model | GPUs | setup | vanilla GiB/GPU | Bi-Drop GiB/GPU | Bi-Drop extra |", "|---|---|---|---|---|---|"]
+def lora_elements(model: str, rank: int) -> int:
+    """LoRA elements of rank `rank` on q_proj and v_proj: per layer A (r x hidden) and B (out x r) of each."""
+    layers, hidden, v_out = LLAMA_SHAPES[model]
+    return layers * rank * ((hidden + hidden) + (hidden + v_out))
+
+
+def projection(measured: dict[str, dict[str, float]], lora_r: int = 16) -> list[str]:
+    """Per-GPU model-state memory for 7B/13B/70B on 8/64 GPUs from the measured bytes per element:
+    full fine-tuning (GiB) and LoRA of rank `lora_r` on q/v (GiB; Bi-Drop's extra in MiB)."""
+    lines = [f"| model | GPUs | setup | vanilla GiB/GPU | Bi-Drop GiB/GPU | Bi-Drop extra | LoRA r={lora_r} elements "
+             "| LoRA vanilla GiB/GPU | LoRA Bi-Drop extra MiB/GPU |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (params, eligible_fraction) in MODELS.items():
+        lora = lora_elements(name, lora_r)
         for gpus in GPUS:
             for setup, b in measured.items():
                 stage3 = setup.startswith("zero3")
@@ -167,16 +194,18 @@ def projection(measured: dict[str, dict[str, float]]) -> list[str]:
                 device_state = 0.0 if offload else (grad + b["master"] + b["optimizer"]) / gpus
                 vanilla = params * (param + device_state)
                 extra = 0.0 if offload else params * eligible_fraction * b["bidrop_per_eligible"] / gpus
+                lora_vanilla = params * param + lora * (param + device_state)  # the base is frozen: parameters only
+                lora_extra = 0.0 if offload else lora * b["bidrop_per_eligible"] / gpus
                 lines.append(f"| {name} | {gpus} | {setup} | {vanilla / 2**30:.1f} | {(vanilla + extra) / 2**30:.1f} "
-                             f"| {extra / 2**30:.2f} |")
+                             f"| {extra / 2**30:.2f} | {lora / 1e6:.1f}M | {lora_vanilla / 2**30:.2f} "
+                             f"| {lora_extra / 2**20:.2f} |")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--setup", choices=sorted(SETUPS), default="zero2", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=("vanilla", "bidrop"), default="bidrop", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", nargs="+", default=[], help=argparse.SUPPRESS)  # the worker's setup/mode pairs
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -186,22 +215,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job")
-    parser.add_argument("--output_json", default=str(ROOT / "benchmarks" / "results" / "memory_scale.json"))
+    parser.add_argument("--one_launch", action="store_true",
+                        help="measure every (setup, mode) in turn in one 2-rank job: quicker, but a peak RSS then "
+                             "includes what the earlier ones left allocated (the bytes per element do not change)")
+    parser.add_argument("--output_json", default=None,
+                        help="default: benchmarks/results/memory_scale.json "
+                             "(memory_projection.json with --from_results)")
     parser.add_argument("--jobs_dir", default=None,
                         help="keep each job's JSON here; jobs already there are not rerun")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank of the projection's LoRA columns")
+    parser.add_argument("--from_results", default=None, metavar="JSON",
+                        help="print the tables and the projection from a previous --output_json (no job runs)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     results, measured = {}, {}
+    if args.from_results:
+        previous = json.loads(Path(args.from_results).read_text())
+        results = previous["results"]
+        args.setups = list(dict.fromkeys(key.split("/")[0] for key in results))
     with tempfile.TemporaryDirectory() as tmp:
         jobs = Path(args.jobs_dir or tmp)
         jobs.mkdir(parents=True, exist_ok=True)
-        for setup in args.setups:
-            for mode in ("vanilla", "bidrop"):
-                path = jobs / f"{setup}-{mode}.json"
-                results[f"{setup}/{mode}"] = (json.loads(path.read_text()) if path.exists()
-                                              else run_job(args, setup, mode, path))
+        wanted = [] if args.from_results else [f"{setup}/{mode}" for setup in args.setups
+                                               for mode in ("vanilla", "bidrop")]
+        pending = [job for job in wanted if not job_file(jobs, job).exists()]
+        for batch in [pending] if args.one_launch and pending else [[job] for job in pending]:
+            run_job(args, batch, jobs)
+        for job in wanted:
+            results[job] = json.loads(job_file(jobs, job).read_text())
     print("\nBytes per model element (params: per element a rank holds; the others: summed over the ranks)")
     print("\n| setup | mode | peak RSS per rank MiB | params | fp32 master | grads | Adam | Bi-Drop B/eligible "
           "| stats on |\n|---|---|---|---|---|---|---|---|---|")
@@ -221,9 +264,13 @@ def main() -> None:
               f"(4 x eligible elements owned = {bound / 2**20:.1f} MiB)")
     print("\nProjected per-GPU model-state memory (parameters, gradients, optimizer state, Bi-Drop; "
           "activations excluded):")
-    print("\n".join(projection(measured)))
-    Path(args.output_json).write_text(json.dumps({"args": vars(args), "results": results, "bytes_per_element": measured},
-                                                 indent=1))
+    table = projection(measured, args.lora_r)
+    print("\n".join(table))
+    name = "memory_projection.json" if args.from_results else "memory_scale.json"
+    args.output_json = args.output_json or str(ROOT / "benchmarks" / "results" / name)
+    command = "python benchmarks/memory_scale.py " + " ".join(sys.argv[1:])
+    Path(args.output_json).write_text(json.dumps({"command": command, "args": vars(args), "results": results,
+                                                  "bytes_per_element": measured, "projection": table}, indent=1))
     print(f"\nwrote {args.output_json}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All benchmarks on 2 CPU ranks (gloo), one command; writes benchmarks/results/*.json and
 # benchmarks/results/latest.json and prints the Markdown tables. About 5-8 minutes on 2 cores.
-#   bash benchmarks/run_all.sh            (QUICK=1 for fewer repeats)
+#   bash benchmarks/run_all.sh            (QUICK=1 for fewer repeats; LLM=1 adds the decoder SFT row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,6 +30,15 @@ done
 if [[ "${SKIP_MINILM:-0}" != 1 ]]; then
   echo "step time on the offline MiniLM (ZeRO-2)..."
   step --stage 2 --model minilm --naive --warmup 1 --repeats 5 --output_json $OUT/step_minilm_zero2.json
+fi
+if [[ "${LLM:-0}" == 1 ]]; then
+  # the decoder SFT row: a 322M-parameter config-built Llama, ZeRO-3, bf16, seq 512; ~20 minutes on 2 shared cores
+  echo "decoder SFT step (Llama 322M, ZeRO-3, full and LoRA r=16)..."
+  for lora in 0 16; do
+    row=$([[ $lora == 0 ]] && echo full || echo lora)
+    MALLOC_MMAP_THRESHOLD_=65536 step --model llama --stage 3 --bf16 --layers 20 --hidden 1024 --vocab_size 32000 \
+      --seq_len 512 --micro_batch 1 --lora $lora --warmup 1 --repeats 3 --no_comm --output_json $OUT/step_sft_$row.json
+  done
 fi
 echo "profile of one plugin step (ZeRO-2) -> $OUT/profile_zero2.txt"
 $RUN benchmarks/step_time.py --stage 2 --warmup 1 --repeats 1 --no_comm --profile > $OUT/profile_zero2.txt 2>&1

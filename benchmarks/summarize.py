@@ -65,6 +65,7 @@ def main() -> None:
     minilm = load(directory, "step_minilm_zero2.json")
     only = {mode: load(directory, f"memory_{mode}.json") for mode in ("vanilla", "accumulating", "bidrop", "naive")}
     sel1, sel2 = load(directory, "selection_1rank.json"), load(directory, "selection_2ranks.json")
+    sft = {row: load(directory, f"step_sft_{row}.json") for row in ("full", "lora")}  # run_all.sh LLM=1
 
     goals = {}
     ratio = z2["step_time_ratio"]
@@ -94,6 +95,20 @@ def main() -> None:
             x <= b + 9 * MIB for x, b in zip(peak_extra, bound))
     extra_ok = z2["extra_comm_calls_per_step"] <= 4 and z2["extra_comm_max_call_bytes"] <= 8 * 1024
     goals["extra comm <= 4 all-reduces of <= 8 KiB per step"] = extra_ok
+    sft_rows = [["decoder SFT, ZeRO-3 bf16", "params (trained)", "vanilla s", "Bi-Drop s",
+                 "Bi-Drop / (k x vanilla): median (repeats)", "plugin buffers per rank (4 x eligible owned)",
+                 "Bi-Drop step peak - vanilla's, per rank", "goals"]]
+    for row, r in sft.items():
+        if r:
+            goals[f"decoder SFT {row}: step ratio {r['step_time_goal']}"] = r["goal_met"] == "met"
+            goals[f"decoder SFT {row}: step peak over vanilla <= 8 MiB"] = r["step_peak_goal_met"] == "met"
+            sft_rows.append([f"{r['model']}, seq {r['seq_len']}", f"{r['params'] / 1e6:.0f}M "
+                             f"({r['trainable_params'] / 1e6:.2f}M)", fmt(r["vanilla_step_s"], ".1f"),
+                             fmt(r["bidrop_step_s"], ".1f"), f"{r['step_time_ratio']:.3f} ("
+                             + ", ".join(f"{x:.2f}" for x in r["step_time_ratios"]) + ")",
+                             mib(r["plugin_bytes_by_rank"]) + " MiB",
+                             " / ".join(f"{v:.2f}" for v in r["bidrop_step_peak_over_vanilla_mib_by_rank"]) + " MiB",
+                             f"{r['step_time_goal']}; <= 8 MiB"])
     selection_rows = (sel1["rows"] if sel1 else []) + (sel2["rows"] if sel2 else [])
     large = [r for r in selection_rows if r["P_per_rank"] >= 10**7]
     goals["exact selection faster than gather + kthvalue from P = 1e7 (2 ranks)"] = all(
@@ -167,11 +182,14 @@ def main() -> None:
         "naive_extra_comm_calls_per_step": z2["naive_extra_comm_calls_per_step"],
         "selection": selection_rows,
         "goals_met": goals,
-        "runs": {"zero2": z2, "zero2_k4": z2_k4, "zero3": z3, "minilm_zero2": minilm, "memory": only},
+        "runs": {"zero2": z2, "zero2_k4": z2_k4, "zero3": z3, "minilm_zero2": minilm, "memory": only,
+                 "sft_full": sft["full"], "sft_lora": sft["lora"]},
     }
     (directory / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
     print("### Step time (2 ranks, median of interleaved repeats)\n\n" + table(step_rows))
     print("\n### Memory\n\n" + table(mem_rows))
+    if len(sft_rows) > 1:
+        print("\n### Decoder SFT step (Llama, ZeRO-3, bf16, 2 ranks)\n\n" + table(sft_rows))
     print("\n### Communication\n\n" + table(comm_rows))
     print("\n### Selection\n\n" + table(sel_rows))
     print("\n### Goals\n\n" + table([["goal", "met"]] + [[k, "yes" if v else "**no**"] for k, v in goals.items()]))

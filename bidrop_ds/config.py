@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 SCORES = ("product", "perturbation", "scaling", "random")
+# Where the top-p threshold is taken: over all eligible elements at once, or within each tensor.
+THRESHOLDS = ("global", "per_tensor")
 # Mask rules on the same machinery (../shared/BIDROP.md, "Systems to compare against").
 STRATEGIES = ("bidrop", "vanilla", "childtuning-d", "childtuning-f", "dps")
 # The Bi-Drop ablations by name: strategy "bidrop-<score>" is strategy "bidrop" with that score.
@@ -45,6 +47,9 @@ class BiDropConfig:
         "help": "divide the kept gradient of eligible elements by p (when a mask applies: k > 1 and p < 1); under "
                 "Adam/AdamW the factor cancels in the update except through the optimizer's eps"})
     eps: float = field(default=1e-8, metadata={"help": "stabiliser in the score denominators, > 0"})
+    threshold: str = field(default="global", metadata={
+        "help": "bidrop: keep the top p of all eligible elements at once (global), or the top p of each eligible "
+                "tensor (per_tensor; e.g. LoRA, whose zero-initialised lora_B otherwise takes the whole budget)"})
     include: tuple[str, ...] = field(
         default=DEFAULT_INCLUDE,
         metadata={"help": "regexes searched in parameter names; matching parameters are eligible for masking"},
@@ -87,6 +92,9 @@ class BiDropConfig:
         _check(_is_real(self.p) and 0.0 < self.p <= 1.0, "p", self.p, "a number in (0, 1]")
         _check(self.score in SCORES, "score", self.score, f"one of {', '.join(SCORES)}")
         _check(isinstance(self.rescale, bool), "rescale", self.rescale, "true or false")
+        _check(self.threshold in THRESHOLDS, "threshold", self.threshold, f"one of {', '.join(THRESHOLDS)}")
+        _check(self.threshold == "global" or self.strategy == "bidrop", "threshold", self.threshold,
+               f"'global' with strategy {self.strategy!r} (per_tensor applies to bidrop)")
         _check(_is_real(self.eps) and self.eps > 0.0 and self.eps != float("inf"), "eps", self.eps,
                "a finite number > 0")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
@@ -175,6 +183,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif f.name == "score":
             group.add_argument("--score", choices=SCORES, help=helptext)
+        elif f.name == "threshold":
+            group.add_argument("--threshold", choices=THRESHOLDS, help=helptext)
         elif f.name == "strategy":
             group.add_argument("--strategy", choices=STRATEGIES + tuple(ABLATIONS), help=helptext)
         else:

@@ -16,7 +16,13 @@
 #      1e8 (one rank: nothing to gather); goal: exact faster from P = 1e7;
 #   3. benchmarks/apply_mask_micro.py --device cuda: the apply_mask math (scores, selection, mask)
 #      of the previous code vs the current one on BERT-large's real statistics (current must not
-#      be slower on GPU).
+#      be slower on GPU);
+#   4. the decoder SFT row, benchmarks/step_time.py --model llama: a config-built Llama causal LM of
+#      322M parameters (20 layers x 1024 hidden, vocabulary 32000) in bf16 on ZeRO-3, micro batch
+#      8 x 512 tokens, one rank per GPU, full fine-tuning and peft LoRA r = 16 on q/v (LoRA needs
+#      peft: from .whl/ if the image lacks it, else that row is skipped); goals Bi-Drop / (k x
+#      vanilla) <= 1.03, and a Bi-Drop step's peak GPU memory over a vanilla step's <= 8 MiB beyond
+#      the plugin's own buffers (4 bytes per eligible element owned: with LoRA, per LoRA element).
 # and ends with each figure next to its goal. JSON results go to $OUT (or /tmp/gpu_bench).
 # `bash launch/gpu_check.sh all` runs both (longer than one 600 s device call: use two calls).
 # `bash launch/gpu_check.sh bench-dry` runs the same three bench commands and the summary
@@ -37,11 +43,15 @@ if [[ "$MODE" == bench-dry ]]; then
   DEVICE=cpu PYTHON=${PYTHON:-python}
   STEP_SHAPE="--layers 2 --hidden 64 --vocab_size 512 --micro_batch 4 --seq_len 16 --warmup 1 --repeats 2"
   SELECTION_SIZES=1e4,1e5 MASK_SHAPE=2x64 MASK_VOCAB=512 REPEATS=2
+  SFT_SHAPE="--layers 2 --hidden 64 --vocab_size 256 --micro_batch 2 --seq_len 32 --warmup 1 --repeats 1"
+  SFT_ROWS="full lora"
 else
   export DS_ACCELERATOR=cuda
   DEVICE=cuda PYTHON=python3
   STEP_SHAPE="--layers 24 --hidden 1024 --vocab_size 30522 --micro_batch 32 --seq_len 128 --warmup 3 --repeats 9"
   SELECTION_SIZES=1e6,1e7,1e8 MASK_SHAPE=24x1024 MASK_VOCAB=30522 REPEATS=5
+  SFT_SHAPE="--layers 20 --hidden 1024 --vocab_size 32000 --micro_batch 8 --seq_len 512 --warmup 2 --repeats 5"
+  SFT_ROWS="full lora"
 fi
 log=/dev/null
 if [[ -n "${OUT:-}" ]]; then log="$OUT/gpu_check.log"; [[ "$MODE" == bench* ]] && log="$OUT/gpu_bench.log"; fi
@@ -82,6 +92,17 @@ EOF
     echo "== apply_mask math, previous vs current code, BERT $MASK_SHAPE statistics (one partition)"
     timeout 150 $PYTHON benchmarks/apply_mask_micro.py --device $DEVICE --models $MASK_SHAPE --vocab_size $MASK_VOCAB \
       --ranks 1 --repeats $REPEATS --output_json "$RESULTS/apply_mask.json" || status=$?
+    if [[ "$MODE" != bench-dry ]] && ! python3 -c "import peft" 2>/dev/null; then
+      python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --find-links .whl peft 2>/dev/null \
+        || echo "no peft wheel in .whl/: the LoRA row is skipped"
+    fi
+    for row in $SFT_ROWS; do
+      lora=0; [[ "$row" == lora ]] && lora=16
+      if [[ $lora != 0 ]] && ! $PYTHON -c "import peft" 2>/dev/null; then continue; fi
+      echo "== decoder SFT step ($row): Llama ($SFT_SHAPE) bf16, ZeRO-3, 1 $DEVICE rank, k = 2, p = 0.3"
+      timeout 150 $TORCHRUN benchmarks/step_time.py --device $DEVICE --model llama --stage 3 --bf16 --lora $lora \
+        $SFT_SHAPE --no_comm --output_json "$RESULTS/step_sft_$row.json" || status=$?
+    done
     $PYTHON benchmarks/gpu_summary.py "$RESULTS"
     exit $status
   fi

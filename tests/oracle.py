@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Sequence
 
 import torch
 
@@ -18,14 +19,17 @@ class OracleStep:
     std: torch.Tensor      # s, population std, float64
     scores: torch.Tensor   # S (product / perturbation / scaling), float64
     n: int                 # number of elements to keep
-    tau: float             # n-th largest score
+    tau: float | torch.Tensor  # n-th largest score (per_tensor groups: each element's tensor's)
     mask: torch.Tensor     # bool, ties at tau kept
     update: torch.Tensor   # the gradient the optimizer receives, float64
 
 
 def oracle_step(pass_grads: list[torch.Tensor], abs_param: torch.Tensor, p: float, score: str = "product",
-                eps: float = 1e-8, rescale: bool = False) -> OracleStep:
-    """One step on flat eligible elements: `pass_grads` are the k per-pass gradients, `abs_param` |theta|."""
+                eps: float = 1e-8, rescale: bool = False, groups: Sequence[int] | None = None) -> OracleStep:
+    """One step on flat eligible elements: `pass_grads` are the k per-pass gradients, `abs_param` |theta|.
+
+    `groups` (threshold "per_tensor"): the sizes of the consecutive tensors the flat elements form;
+    each keeps its own top p (n its own ceil(p N_t)), and `tau` is then each element's tensor's tau."""
     g = torch.stack([x.double() for x in pass_grads])
     k = g.shape[0]
     m = g.sum(0) / k
@@ -36,6 +40,13 @@ def oracle_step(pass_grads: list[torch.Tensor], abs_param: torch.Tensor, p: floa
     N = m.numel()
     if k == 1 or p == 1:  # vanilla: everything kept
         n, tau, mask = N, float("-inf"), torch.ones(N, dtype=torch.bool)
+    elif groups is not None:
+        assert sum(groups) == N, (list(groups), N)
+        picks = [top_p_mask(part, p) for part in scores.split(list(groups))]
+        n = sum(max(1, math.ceil(Fraction(str(p)) * size)) for size in groups)
+        mask = torch.cat([part_mask for part_mask, _ in picks])
+        tau = torch.cat([torch.full((size,), part_tau, dtype=torch.float64)
+                         for size, (_, part_tau) in zip(groups, picks)])
     else:
         n = max(1, math.ceil(Fraction(str(p)) * N))
         tau = torch.sort(scores, descending=True).values[n - 1].item()

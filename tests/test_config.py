@@ -16,7 +16,7 @@ def test_defaults():
     """The documented defaults (our choice): k=2, p=0.3, product, no rescale, eps=1e-8, blocks only."""
     cfg = BiDropConfig()
     assert (cfg.k, cfg.p, cfg.score, cfg.rescale, cfg.eps) == (2, 0.3, "product", False, 1e-8)
-    assert cfg.include == DEFAULT_INCLUDE and cfg.exclude == () and cfg.seed is None
+    assert cfg.include == DEFAULT_INCLUDE and cfg.exclude == () and cfg.seed is None and cfg.threshold == "global"
 
 
 @pytest.mark.parametrize("field,value,shown", [
@@ -24,6 +24,7 @@ def test_defaults():
     ("p", 0, "0"), ("p", 0.0, "0.0"), ("p", -0.1, "-0.1"), ("p", 1.0001, "1.0001"), ("p", math.nan, "nan"),
     ("p", math.inf, "inf"), ("p", True, "True"), ("p", "0.3", "'0.3'"),
     ("score", "x", "'x'"), ("score", None, "None"),
+    ("threshold", "local", "'local'"), ("threshold", None, "None"),
     ("rescale", "yes", "'yes'"), ("rescale", 1, "1"),
     ("eps", 0, "0"), ("eps", -1e-8, "-1e-08"), ("eps", math.inf, "inf"), ("eps", math.nan, "nan"),
     ("include", "str", "'str'"), ("include", ["("], "'('"), ("include", None, "None"), ("include", [3], "3"),
@@ -54,7 +55,7 @@ def test_lists_become_tuples_and_config_is_hashable():
         cfg.k = 3  # type: ignore[misc]
 
 
-NON_DEFAULT = BiDropConfig(k=4, p=0.15, score="scaling", rescale=True, eps=1e-6,
+NON_DEFAULT = BiDropConfig(k=4, p=0.15, score="scaling", rescale=True, eps=1e-6, threshold="per_tensor",
                            include=[r"layers\.\d+\.mlp"], exclude=[r"\.bias$", "norm"], seed=7)
 
 
@@ -95,6 +96,10 @@ def test_unknown_keys_rejected_by_name(tmp_path):
     ("model.norm.weight", False),
     ("lm_head.weight", False),
     ("transformer.h.0.attn.c_attn.weight", True),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", True),  # peft LoRA
+    ("base_model.model.model.layers.11.mlp.down_proj.lora_B.default.weight", True),
+    ("base_model.model.score.modules_to_save.default.weight", False),
+    ("base_model.model.lm_head.weight", False),
     ("transformer.wte.weight", False),
     ("transformer.ln_f.weight", False),
     ("encoder.block.2.layer.0.SelfAttention.q.weight", True),
@@ -126,7 +131,7 @@ def _parse(argv: list[str]) -> BiDropConfig:
 def test_from_args_flags():
     """No flag gives the defaults; every field is settable by its flag."""
     assert _parse([]) == BiDropConfig()
-    argv = ["--k", "4", "--p", "0.15", "--score", "scaling", "--rescale", "--eps", "1e-6",
+    argv = ["--k", "4", "--p", "0.15", "--score", "scaling", "--rescale", "--eps", "1e-6", "--threshold", "per_tensor",
             "--include", r"layers\.\d+\.mlp", "--exclude", r"\.bias$", "norm", "--seed", "7"]
     assert _parse(argv) == NON_DEFAULT
     assert _parse(["--no-rescale"]).rescale is False
@@ -176,6 +181,13 @@ def test_ablation_names_are_bidrop_with_that_score(alias, score, other):
 def test_invalid_strategy_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"BiDropConfig.{field} ="):
         BiDropConfig(**{field: value})
+
+
+def test_per_tensor_threshold_is_a_bidrop_setting():
+    """threshold="per_tensor" with bidrop (and its ablations); other rules keep their own selection."""
+    assert BiDropConfig(strategy="bidrop-scaling", threshold="per_tensor").threshold == "per_tensor"
+    with pytest.raises(ValueError, match="BiDropConfig.threshold = 'per_tensor' .*'dps'"):
+        BiDropConfig(strategy="dps", k=1, threshold="per_tensor")
 
 
 def test_strategy_flags():

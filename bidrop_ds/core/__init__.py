@@ -6,8 +6,9 @@ No torch.distributed here: collectives reach the selection only through a `Commu
 
 from bidrop_ds.core.masks import accumulate_squares_, bernoulli_multiplier_
 from bidrop_ds.core.scores import scores_into_m2
-from bidrop_ds.core.select import Communicator, LocalCommunicator, Threshold, global_threshold, kept_count
+from bidrop_ds.core.select import (Communicator, LocalCommunicator, Threshold, global_threshold, group_thresholds,
+                                   kept_count)
 from bidrop_ds.core.stats import PassStatistics
 
-__all__ = ["Communicator", "accumulate_squares_", "bernoulli_multiplier_", "LocalCommunicator", "PassStatistics", "Threshold", "global_threshold",
+__all__ = ["Communicator", "accumulate_squares_", "bernoulli_multiplier_", "LocalCommunicator", "PassStatistics", "Threshold", "global_threshold", "group_thresholds",
            "kept_count", "scores_into_m2"]

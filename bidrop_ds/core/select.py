@@ -18,6 +18,11 @@ After the last round the prefix is the threshold's bit pattern, exactly. Nothing
 histograms crosses ranks; no score is gathered. On CPU the passes run over chunks of CHUNK
 elements, so the temporaries stay in cache and are O(chunk); the gathered candidates (4 bytes each)
 are at most 1/COMPACT_DIVISOR of the elements.
+
+`group_thresholds` selects in G groups at once (one n-th largest per group: a per-tensor
+threshold), with the same four all-reduces: each round sends the G groups' histograms side by
+side (G x at most 1024 counts). With several groups the first pass histograms FLAG_BITS bits only
+(G histograms of 2^15 counts would cost 256 KiB each).
 """
 
 from __future__ import annotations
@@ -111,10 +116,10 @@ def _plan(first: int) -> list[int]:
     return plan
 
 
-def _first_pass(slices: list[torch.Tensor], first: int, local: torch.Tensor) -> None:
-    """local[1 + top `first` bits after the sign] += 1 per candidate; non-candidates go to local[0]."""
+def _first_pass(slices: list[torch.Tensor], first: int, local: torch.Tensor, buf: torch.Tensor) -> None:
+    """local[1 + top `first` bits after the sign] += 1 per candidate; non-candidates go to local[0].
+    `buf`: int32 scratch of at least the longest slice."""
     shift = 31 - first
-    buf = torch.empty(max((piece.numel() for piece in slices), default=0), dtype=torch.int32, device=local.device)
     cpu = local.device.type == "cpu"
     for piece in slices:
         key = torch.clamp(piece, min=-(1 << shift), out=buf[:piece.numel()])  # negative -> -1 below
@@ -181,47 +186,87 @@ def global_threshold(scores: torch.Tensor | Sequence[torch.Tensor], n: int, comm
     `scores` is an empty list).
     """
     pieces = [scores] if isinstance(scores, torch.Tensor) else list(scores)
+    found = group_thresholds([pieces], [n], comm, locally_nonfinite, device)
+    return None if found is None else found[0]
+
+
+def group_thresholds(groups: Sequence[Sequence[torch.Tensor]], ns: Sequence[int], comm: Communicator,
+                     locally_nonfinite: bool = False, device: torch.device | None = None
+                     ) -> list[Threshold] | None:
+    """For each group of score pieces (this rank's part of one tensor, say), the ns[g]-th largest
+    score of that group over all ranks: G exact thresholds from the same four all-reduces.
+
+    Every rank passes the same number of groups in the same order (a group may be empty on a
+    rank) and the same ns; otherwise as `global_threshold`, whose single group this generalises.
+    """
+    if not groups or len(groups) != len(ns):
+        raise ValueError(f"select: {len(groups)} groups and {len(ns)} counts n (need as many, at least one)")
+    pieces = [piece for group in groups for piece in group]
     if any(piece.dtype != torch.float32 for piece in pieces):
         raise TypeError(f"select: scores must be float32, got {sorted({str(p.dtype) for p in pieces})}")
-    bits = [piece.contiguous().view(-1).view(torch.int32) for piece in pieces]
-    slices = _slices(bits)
-    numel = sum(piece.numel() for piece in bits)
-    device = bits[0].device if bits else (device or torch.device("cpu"))
-    first = FIRST_BITS.get(device.type, DEFAULT_FIRST_BITS)
+    bits = [[piece.contiguous().view(-1).view(torch.int32) for piece in group] for group in groups]
+    slices = [_slices(group) for group in bits]
+    numels = [sum(piece.numel() for piece in group) for group in bits]
+    device = pieces[0].device if pieces else (device or torch.device("cpu"))
+    first = FIRST_BITS.get(device.type, DEFAULT_FIRST_BITS) if len(groups) == 1 else FLAG_BITS
     plan = _plan(first)
-    local = torch.zeros((1 << first) + 1, dtype=torch.int64, device=device)
+    local = torch.zeros(len(groups), (1 << first) + 1, dtype=torch.int64, device=device)
     if not locally_nonfinite:
-        _first_pass(slices, first, local)
-    candidates = local[1:]
-    top = candidates.view(1 << FLAG_BITS, -1).sum(1) if first > FLAG_BITS else candidates
-    flagged = torch.cat([top, torch.tensor([int(locally_nonfinite)], dtype=torch.int64, device=device)])
+        buf = torch.empty(max((s.numel() for group in slices for s in group), default=0), dtype=torch.int32,
+                          device=device)
+        for g, group in enumerate(slices):
+            _first_pass(group, first, local[g], buf)
+    candidates = local[:, 1:]
+    top = candidates.reshape(len(groups), 1 << FLAG_BITS, -1).sum(2)
+    flagged = torch.cat([top.reshape(-1), torch.tensor([int(locally_nonfinite)], dtype=torch.int64, device=device)])
     comm.all_reduce_sum(flagged)
     counts = flagged.tolist()
     if counts.pop() > 0:
         return None
-    if not 1 <= n <= sum(counts):
-        raise ValueError(f"select: n = {n} is outside 1..N = {sum(counts)}")
-    digit, remaining, above = _pick(counts, n)
-    prefix, known, rounds = digit, FLAG_BITS, 1
-    if first > FLAG_BITS:  # round 2 from the same local histogram: the sub-bins of the chosen bin
+    bins = 1 << FLAG_BITS
+    for g, n in enumerate(ns):
+        total = sum(counts[g * bins:(g + 1) * bins])
+        if not 1 <= n <= total:
+            where = "" if len(groups) == 1 else f" (group {g})"
+            raise ValueError(f"select: n = {n} is outside 1..N = {total}{where}")
+    # per group: the prefix found so far, the rank still sought inside it, the count above it
+    state = [_pick(counts[g * bins:(g + 1) * bins], n) for g, n in enumerate(ns)]
+    prefixes, remaining, above = [s[0] for s in state], [s[1] for s in state], [s[2] for s in state]
+    known, rounds = FLAG_BITS, 1
+    if first > FLAG_BITS:  # round 2 from the same local histograms: the sub-bins of each chosen bin
         width = first - FLAG_BITS
-        sub = candidates[digit << width:(digit + 1) << width].clone()
+        sub = torch.cat([candidates[g, d << width:(d + 1) << width] for g, d in enumerate(prefixes)])
         comm.all_reduce_sum(sub)
-        counts = sub.tolist()
-        digit, remaining, more = _pick(counts, remaining)
-        prefix, known, rounds, above = (prefix << width) | digit, first, 2, above + more
-    left = 31 - known  # bits still unknown; local[1 + prefix] of this rank's elements share the prefix
-    if int(local[1 + prefix]) * COMPACT_DIVISOR <= numel:
-        values = [_gather(slices, left, prefix, device)]
-    else:  # too many to gather (heavy ties): the later rounds read all the scores again
-        values = slices
+        prefixes, remaining, above = _advance(sub.tolist(), 1 << width, width, prefixes, remaining, above)[:3]
+        known, rounds = first, 2
+    left = 31 - known  # bits still unknown; local[g, 1 + prefix] of this rank's elements share the prefix
+    values = []
+    for g, group in enumerate(slices):
+        if int(local[g, 1 + prefixes[g]]) * COMPACT_DIVISOR <= numels[g]:
+            values.append([_gather(group, left, prefixes[g], device)])
+        else:  # too many to gather (heavy ties): the later rounds read all the scores again
+            values.append(group)
+    ties = [0] * len(groups)
     for width in plan[rounds:]:
         shift = left - width
-        hist = _field_histogram(values, prefix << left, shift, width, device)
+        hist = torch.cat([_field_histogram(values[g], prefixes[g] << left, shift, width, device)
+                          for g in range(len(groups))])
         comm.all_reduce_sum(hist)
-        counts = hist.tolist()
-        digit, remaining, more = _pick(counts, remaining)
-        prefix, left, above = (prefix << width) | digit, shift, above + more
-    # The prefix is now the full bit pattern of tau; counts[digit] are the elements equal to it.
-    value = torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
-    return Threshold(value=value, kept=above + counts[digit])
+        prefixes, remaining, above, ties = _advance(hist.tolist(), 1 << width, width, prefixes, remaining, above)
+        left = shift
+    # Each prefix is now the full bit pattern of its tau; `ties` are the elements equal to it.
+    values_out = torch.tensor(prefixes, dtype=torch.int32).view(torch.float32).tolist()
+    return [Threshold(value=value, kept=a + t) for value, a, t in zip(values_out, above, ties)]
+
+
+def _advance(counts: list[int], bins: int, width: int, prefixes: list[int], remaining: list[int],
+             above: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One round for every group: pick the bin in the group's slice of `counts`, extend its prefix
+    by `width` bits; also returns the chosen bins' counts."""
+    out = ([], [], [], [])
+    for g, (prefix, rank, count_above) in enumerate(zip(prefixes, remaining, above)):
+        group_counts = counts[g * bins:(g + 1) * bins]
+        digit, rank, more = _pick(group_counts, rank)
+        for column, value in zip(out, ((prefix << width) | digit, rank, count_above + more, group_counts[digit])):
+            column.append(value)
+    return out

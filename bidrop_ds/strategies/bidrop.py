@@ -1,4 +1,5 @@
-"""Bi-Drop's rule: score each element from the k passes, keep the global top p (ties kept)."""
+"""Bi-Drop's rule: score each element from the k passes, keep the top p (ties kept) of all
+eligible elements at once, or of each eligible tensor (`threshold="per_tensor"`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bidrop_ds.core import global_threshold, kept_count, scores_into_m2
+from bidrop_ds.core import global_threshold, group_thresholds, kept_count, scores_into_m2
+from bidrop_ds.core.ranges import layout_slices
 from bidrop_ds.core.scores import mask_update_, masked_mean_into_, pair_scores_
 from bidrop_ds.strategies.base import Outcome, RuleContext
 
@@ -15,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 class BiDropRule:
-    """Scores, one exact global threshold, the mean masked (and optionally / p).
+    """Scores, one exact global threshold (or one per eligible tensor, from the same collectives),
+    the mean masked (and optionally / p).
 
     k = 2 with fp32 gradients (the default): the scores are computed into the second pass's own
     views and the masked mean is written there (4 bytes of statistics per eligible element).
@@ -25,6 +28,9 @@ class BiDropRule:
     def __init__(self, context: RuleContext) -> None:
         self.context = context
         self.n = kept_count(context.config.p, context.total_numel)
+        # per_tensor: each eligible parameter's ranges in the layout, and its own n = ceil(p N_t)
+        self.tensors = ([(piece.ranges, kept_count(context.config.p, piece.numel)) for piece in context.parameters]
+                        if context.config.threshold == "per_tensor" else None)
         self.warned_identical = False
         self.scores: torch.Tensor | list[torch.Tensor] | None = None
 
@@ -53,6 +59,8 @@ class BiDropRule:
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
         context, config, stats = self.context, self.context.config, self.context.stats
         scores, self.scores = self.scores, None
+        if self.tensors is not None:
+            return self._decide_per_tensor(scores, finite)
         found = global_threshold(scores, self.n, context.selection_comm, not finite, device=stats.device)
         finite = finite and found is not None
         if not context.sharded:
@@ -67,6 +75,34 @@ class BiDropRule:
             if divisor != 1.0:
                 stats.mean.div_(divisor)
         return Outcome(kept=found.kept, threshold=found.value)
+
+    def _decide_per_tensor(self, scores: torch.Tensor | list[torch.Tensor], finite: bool) -> Outcome | None:
+        """One exact threshold per eligible tensor (its pieces on this rank, possibly none), all from
+        the four all-reduces of one selection; each tensor's elements are masked with its own."""
+        context, config, stats = self.context, self.context.config, self.context.stats
+        pair = isinstance(scores, list)  # the pair path: the scores sit where the gradient lives
+        pieces = scores if pair else [scores]
+        groups = [[view for start, end in ranges for view in layout_slices(pieces, start, end)]
+                  for ranges, _ in self.tensors]
+        found = group_thresholds(groups, [n for _, n in self.tensors], context.selection_comm, not finite,
+                                 device=stats.device)
+        finite = finite and found is not None
+        if not context.sharded:
+            finite, _ = context.agree(finite)
+        if not finite:
+            return None
+        divisor = config.p if config.rescale else 1.0
+        means = stats.mean_pieces() if pair else []
+        for (ranges, _), threshold in zip(self.tensors, found):
+            for start, end in ranges:
+                if pair:
+                    masked_mean_into_(layout_slices(pieces, start, end), layout_slices(means, start, end),
+                                      threshold.value, divisor)
+                else:
+                    mask_update_(stats.mean[start:end], scores[start:end], threshold.value)
+        if not pair and divisor != 1.0:
+            stats.mean.div_(divisor)
+        return Outcome(kept=sum(threshold.kept for threshold in found))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -12,7 +12,7 @@ import torch
 from bidrop_ds.comm import ProcessGroupCommunicator, default_communicator
 from bidrop_ds.core import PassStatistics, scores_into_m2
 from bidrop_ds.core import select
-from bidrop_ds.core.select import LocalCommunicator, Threshold, global_threshold, kept_count
+from bidrop_ds.core.select import LocalCommunicator, Threshold, global_threshold, group_thresholds, kept_count
 from tests.distributed import run_distributed
 from tests.oracle import assert_mask_matches, oracle_step
 
@@ -286,6 +286,61 @@ def test_non_float32_scores_raise():
         global_threshold(torch.rand(5, dtype=torch.float64), 1, LocalCommunicator())
 
 
+# ------------------------------------------------------------- per-group (per-tensor) selection
+
+def _split(scores: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    """The scores as 1-3 consecutive pieces (views), some possibly empty."""
+    cuts = sorted(torch.randint(0, scores.numel() + 1, (int(torch.randint(0, 3, (1,), generator=gen)),),
+                                generator=gen).tolist())
+    bounds = [0, *cuts, scores.numel()]
+    return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("settings", ["cpu", "no_gather", "tiny_chunks", "tiny_chunks_no_gather"], indirect=True)
+def test_group_thresholds_equal_each_groups_own_sort(settings):
+    """Groups of every score kind and size (some in several pieces, with negative padding): each
+    group's threshold and kept count equal the float64 sort of that group alone."""
+    gen = torch.Generator().manual_seed(7)
+    for start in range(0, 120, 6):
+        cases = [_random_case(seed) for seed in range(start, start + 6)]
+        groups = [_split(scores, gen) for scores, _ in cases]
+        got = group_thresholds(groups, [n for _, n in cases], LocalCommunicator())
+        assert [(t.value, t.kept) for t in got] == [_reference(scores, n) for scores, n in cases], start
+
+
+def test_group_thresholds_of_one_group_is_the_global_threshold():
+    """One group: the same threshold and the same four all-reduces as global_threshold."""
+    scores = _scores("wide", 5000, torch.Generator().manual_seed(1))
+    calls = []
+    for select_fn in (lambda c: global_threshold(scores, 1500, c),
+                      lambda c: group_thresholds([[scores[:2000], scores[2000:]]], [1500], c)[0]):
+        comm = CountingCommunicator(LocalCommunicator())
+        calls.append((select_fn(comm), comm.calls))
+    assert calls[0] == calls[1] and calls[0][1] == expected_calls()
+
+
+def test_group_thresholds_share_the_four_all_reduces():
+    """G groups: still 4 all-reduces, each the G groups' histograms side by side (first pass of 9 bits)."""
+    gen = torch.Generator().manual_seed(2)
+    groups = [[torch.rand(size, generator=gen)] for size in (10, 1000, 1)]
+    comm = CountingCommunicator(LocalCommunicator())
+    group_thresholds(groups, [3, 300, 1], comm)
+    assert comm.calls == [(3 * 512 + 1, "torch.int64")] + [(3 << width, "torch.int64") for width in select._plan(9)[1:]]
+    comm = CountingCommunicator(LocalCommunicator())
+    assert group_thresholds(groups, [3, 300, 1], comm, locally_nonfinite=True) is None
+    assert comm.calls == [(3 * 512 + 1, "torch.int64")]
+
+
+@pytest.mark.parametrize("groups,ns,match", [
+    ([[torch.rand(4)], [torch.rand(2)]], [1, 3], r"outside 1..N = 2 \(group 1\)"),
+    ([[torch.rand(4)]], [1, 1], "2 counts n"),
+    ([], [], "at least one"),
+])
+def test_group_thresholds_refuse_bad_counts(groups, ns, match):
+    with pytest.raises(ValueError, match=match):
+        group_thresholds(groups, ns, LocalCommunicator())
+
+
 # ------------------------------------------------------------------- two real gloo ranks
 
 def _dist_scenarios() -> list[tuple[str, torch.Tensor, int, list[int]]]:
@@ -310,7 +365,7 @@ DIST_SETTINGS = ["cpu", "cuda_plan", "tiny_chunks_no_gather"]
 def _dist_worker(rank: int, world_size: int) -> dict:
     """Runs every scenario on this rank's piece, under each of DIST_SETTINGS; returns plain Python
     results (the default settings are restored for the checks after)."""
-    out: dict = {"selection": [], "errors": {}}
+    out: dict = {"selection": [], "groups": [], "errors": {}}
     comm = ProcessGroupCommunicator()
     for setting in DIST_SETTINGS:
         use_settings(setting)
@@ -320,6 +375,10 @@ def _dist_worker(rank: int, world_size: int) -> dict:
                 counting = CountingCommunicator(comm)
                 got = global_threshold(local.clone(), n, counting)
                 out["selection"].append((setting, name, n, got.value, got.kept, counting.calls))
+        groups = [[scores[:share] if rank == 0 else scores[share:]] for _, scores, share, _ in _dist_scenarios()]
+        counting = CountingCommunicator(comm)
+        got = group_thresholds(groups, [ns[len(ns) // 2] for *_, ns in _dist_scenarios()], counting)
+        out["groups"].append((setting, [(t.value, t.kept) for t in got], counting.calls))
     use_settings("cpu")
     for flag_rank in (0, 1):
         counting = CountingCommunicator(comm)
@@ -361,6 +420,19 @@ def test_two_ranks_equal_single_process_and_oracle(two_ranks):
                 assert (r0[3], r0[4]) == (r1[3], r1[4]) == (single.value, single.kept) == _reference(scores, n), \
                     (setting, name, n)
                 assert r0[5] == r1[5] == calls, (setting, name, n)
+
+
+def test_two_ranks_group_thresholds_equal_each_groups_sort(two_ranks):
+    """Every scenario as one group of a single per-group selection (groups spanning both ranks,
+    empty on one): each group's threshold is that group's float64 sort, on both ranks, in 4 all-reduces."""
+    scenarios = _dist_scenarios()
+    expected = [_reference(scores, ns[len(ns) // 2]) for _, scores, _, ns in scenarios]
+    calls = [(len(scenarios) * 512 + 1, "torch.int64")] + [(len(scenarios) << w, "torch.int64")
+                                                            for w in select._plan(9)[1:]]
+    for result in two_ranks:
+        assert [row[0] for row in result["groups"]] == DIST_SETTINGS
+        for setting, got, got_calls in result["groups"]:
+            assert [tuple(t) for t in got] == expected and got_calls == calls, setting
 
 
 def test_two_ranks_nonfinite_flag_on_one_rank(two_ranks):

@@ -23,12 +23,18 @@ SUMMARY = ROOT / "benchmarks" / "gpu_summary.py"
 
 def test_bench_dry_runs_every_part_and_prints_each_goal(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    done = run_in_session(["bash", str(GPU_CHECK), "bench-dry"], env, timeout=300, what="gpu_check.sh bench-dry")
+    done = run_in_session(["bash", str(GPU_CHECK), "bench-dry"], env, timeout=420, what="gpu_check.sh bench-dry")
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     step = json.loads((tmp_path / "step_zero2_bf16.json").read_text())
     assert (step["device"], step["stage"], step["dtype"], step["ranks"]) == ("cpu", 2, "bf16", 1)
     assert step["plugin_bytes_per_rank"] <= step["bound_bytes_per_rank"] + 2**20
     assert step["extra_comm_calls_per_step"] <= 4 and step["extra_comm_max_call_bytes"] <= 8192
+    for row, trained in (("full", "all"), ("lora", "lora")):  # the decoder SFT rows (ZeRO-3, Llama)
+        sft = json.loads((tmp_path / f"step_sft_{row}.json").read_text())
+        assert (sft["stage"], sft["dtype"], sft["step_time_goal"]) == (3, "bf16", "<= 1.03"), row
+        assert (sft["trainable_params"] == sft["params"]) == (trained == "all"), row
+        assert sft["plugin_bytes_per_rank"] == sft["bound_bytes_per_rank"] == 4 * sft["eligible_owned_elements"]
+    assert "decoder SFT llama, " in done.stdout and "decoder SFT llama+lora16, " in done.stdout
     sizes = [row["P_per_rank"] for row in json.loads((tmp_path / "selection.json").read_text())["rows"]]
     assert sizes == [10**4, 10**5]
     assert all(row["identical"] for row in json.loads((tmp_path / "apply_mask.json").read_text())["rows"])
@@ -41,7 +47,8 @@ def test_bench_dry_runs_every_part_and_prints_each_goal(tmp_path: Path) -> None:
 
 def test_summary_names_each_missing_result(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(SUMMARY), str(tmp_path)], capture_output=True, text=True, check=True)
-    for name in ("step_zero2_bf16.json", "selection.json", "apply_mask.json"):
+    for name in ("step_zero2_bf16.json", "selection.json", "apply_mask.json", "step_sft_full.json",
+                 "step_sft_lora.json"):
         assert f"{name}: no result" in done.stdout
 
 

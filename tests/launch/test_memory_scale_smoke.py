@@ -1,6 +1,7 @@
 """benchmarks/memory_scale.py at a tiny size (the >= 300M-parameter runs are benchmarks, run by hand):
-its 2-rank jobs under ZeRO-2 and ZeRO-3 + offload, the bytes per element it reads off the tensors,
-and the projection table, so that its arguments and readings do not rot between runs."""
+its 2-rank jobs under ZeRO-2 and ZeRO-3 + offload (all four in one launch: --one_launch), the bytes per
+element it reads off the tensors, and the projection table, so that its arguments and readings do not
+rot between runs."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def test_tiny_memory_scale_reads_each_part_and_projects(tmp_path: Path) -> None:
     out = tmp_path / "memory_scale.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "memory_scale.py"), "--layers", "2", "--hidden", "64",
                "--intermediate", "128", "--heads", "2", "--vocab", "256", "--steps", "1",
-               "--setups", "zero2", "zero3+offload", "--timeout", "240", "--output_json", str(out)]
+               "--setups", "zero2", "zero3+offload", "--one_launch", "--timeout", "400", "--output_json", str(out)]
     done = run_in_session(command, dict(os.environ), timeout=600, what="memory_scale.py")
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.stdout.count("running ...") == 1, done.stdout  # one torchrun job for the four measurements
     measured = json.loads(out.read_text())["bytes_per_element"]
     for setup in ("zero2", "zero3+offload"):
         b = measured[setup]
@@ -37,3 +39,7 @@ def test_tiny_memory_scale_reads_each_part_and_projects(tmp_path: Path) -> None:
     for model in ("7B", "13B", "70B"):
         assert f"| {model} | 8 | zero2 |" in table and f"| {model} | 64 | zero3+offload |" in table
     assert "| 0.00 |" in table  # offload: no Bi-Drop bytes per GPU
+    # LoRA r=16 on q/v: 7B's 8.4M LoRA elements; Bi-Drop's extra 4 bytes each, sharded over 8 GPUs: 4 MiB
+    assert "LoRA r=16 elements" in table and "| 7B | 8 | zero2 |" in table
+    assert [line for line in table.splitlines() if line.startswith("| 7B | 8 | zero2 |")][0].endswith("| 8.4M | "
+                                                                                                 "12.59 | 4.00 |")
