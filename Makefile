@@ -78,7 +78,8 @@ compat: $(COMPAT_STAMP)
 # Wheels for launch/gpu_check.sh on the device machine (CPython 3.12 with torch, no deepspeed, no
 # registry): deepspeed built here without ops (pure Python) and the needs of its Requires-Dist the
 # device image lacks (hjson; pydantic with pydantic-core, annotated-types, typing-inspection and the
-# typing-extensions >= 4.16 it wants), as cp312 manylinux x86_64 wheels in the git-ignored .whl/.
+# typing-extensions >= 4.16 it wants), as cp312 manylinux x86_64 wheels in the git-ignored .whl/;
+# and peft (pure Python) for the SFT LoRA row: installed --no-deps there, so the image must have its needs.
 .PHONY: gpu-wheels
 gpu-wheels: $(PY)
 	rm -rf .whl && mkdir -p .whl
@@ -87,4 +88,5 @@ gpu-wheels: $(PY)
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
 		annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+	$(PIP) download --disable-pip-version-check --no-deps --only-binary=:all: -d .whl peft==0.21.2
 	du -sh .whl
