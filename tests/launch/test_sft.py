@@ -167,3 +167,42 @@ def test_trl_config_yaml(tmp_path: Path) -> None:
         ["--config", str(tmp_path / "sft.yaml"), "--output_dir", str(tmp_path), "--p", "0.2"])
     config = sft.bidrop_config_from(bidrop_args)
     assert (training_args.learning_rate, model_args.lora_r, config.k, config.p) == (1e-4, 4, 3, 0.2)
+
+
+LAUNCHERS = {
+    # accelerate's own launcher and config file, ZeRO-3 (model partitioned by zero.Init), LoRA on the recipe's flags
+    "accelerate zero3 lora": (["accelerate", "launch", "--config_file", "ds_configs/accelerate_zero3.yaml", "-m",
+                               "bidrop_ds.recipes.sft"],
+                              ["--model_init_kwargs", '{"attention_dropout": 0.0}', "--use_peft", "--lora_r", "4",
+                               "--lora_dropout", "0.1", "--lora_target_modules", "q_proj", "v_proj"]),
+    # DeepSpeed's launcher, ZeRO-2 with optimizer offload (bf16, DeepSpeedCPUAdam), full fine-tuning
+    "deepspeed zero2 offload": (["deepspeed", "--num_gpus", "2", "--module", "bidrop_ds.recipes.sft"],
+                                ["--deepspeed", "ds_configs/zero2_offload.json"]),
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_the_recipe_under_accelerate_and_deepspeed_launchers(tiny: Path, tmp_path: Path, launcher: str) -> None:
+    """The command a GPU user types (plus DS_ACCELERATOR=cpu) under the two launchers that torchrun's test in
+    tests/integrations/test_trl.py does not cover: 2 ranks train, Bi-Drop keeps its fraction, the output loads."""
+    import os
+    import shutil
+    import sys
+
+    from tests.launching import run_in_session
+
+    command, extra = LAUNCHERS[launcher]
+    bindir = Path(sys.executable).parent
+    if not (bindir / command[0]).exists() and shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    train = write_rows(tmp_path / "train.jsonl", [qa(i) for i in range(16)])
+    out = tmp_path / "out"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = run_in_session([str(bindir / command[0]), *command[1:], *tiny_command(tiny, train, out), *extra,
+                           "--logging_steps", "1"], env, timeout=300, what=launcher)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    logs = [log for log in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in log]
+    assert [log["bidrop_kept_fraction"] for log in logs] == pytest.approx([0.3, 0.3], abs=1e-3)
+    saved = "adapter_config.json" if "lora" in launcher else "model.safetensors"
+    assert (out / saved).is_file(), sorted(p.name for p in out.iterdir())
