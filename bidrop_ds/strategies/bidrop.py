@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bidrop_ds.core import global_threshold, group_thresholds, kept_count, scores_into_m2
+from bidrop_ds.core import group_thresholds, kept_count, scores_into_m2
 from bidrop_ds.core.ranges import layout_slices
 from bidrop_ds.core.scores import mask_update_, masked_mean_into_, pair_scores_
 from bidrop_ds.strategies.base import Outcome, RuleContext
@@ -57,52 +57,40 @@ class BiDropRule:
                            step, self.context.config.k)
 
     def decide(self, step: int, finite: bool, grad_scale: float) -> Outcome | None:
+        """One exact threshold over all eligible elements, or one per eligible tensor (its pieces on
+        this rank, possibly none), from the four all-reduces of one selection; each element is masked
+        with its own threshold."""
         context, config, stats = self.context, self.context.config, self.context.stats
         scores, self.scores = self.scores, None
-        if self.tensors is not None:
-            return self._decide_per_tensor(scores, finite)
-        found = global_threshold(scores, self.n, context.selection_comm, not finite, device=stats.device)
+        pair = isinstance(scores, list)  # the pair path: the scores sit where the gradient lives
+        pieces = scores if pair else [scores]
+        if self.tensors is None:
+            groups, counts = [pieces], [self.n]
+        else:
+            groups = [[view for start, end in ranges for view in layout_slices(pieces, start, end)]
+                      for ranges, _ in self.tensors]
+            counts = [n for _, n in self.tensors]
+        found = group_thresholds(groups, counts, context.selection_comm, not finite, device=stats.device)
         finite = finite and found is not None
         if not context.sharded:
             finite, _ = context.agree(finite)  # the selection did not already carry the flag
         if not finite:
             return None
         divisor = config.p if config.rescale else 1.0
-        if isinstance(scores, list):  # the pair path: the scores sit where the gradient lives
-            masked_mean_into_(scores, stats.mean_pieces(), found.value, divisor)
-        else:
-            mask_update_(stats.mean, scores, found.value)  # update *= (scores >= tau); scores consumed
-            if divisor != 1.0:
-                stats.mean.div_(divisor)
-        return Outcome(kept=found.kept, threshold=found.value)
-
-    def _decide_per_tensor(self, scores: torch.Tensor | list[torch.Tensor], finite: bool) -> Outcome | None:
-        """One exact threshold per eligible tensor (its pieces on this rank, possibly none), all from
-        the four all-reduces of one selection; each tensor's elements are masked with its own."""
-        context, config, stats = self.context, self.context.config, self.context.stats
-        pair = isinstance(scores, list)  # the pair path: the scores sit where the gradient lives
-        pieces = scores if pair else [scores]
-        groups = [[view for start, end in ranges for view in layout_slices(pieces, start, end)]
-                  for ranges, _ in self.tensors]
-        found = group_thresholds(groups, [n for _, n in self.tensors], context.selection_comm, not finite,
-                                 device=stats.device)
-        finite = finite and found is not None
-        if not context.sharded:
-            finite, _ = context.agree(finite)
-        if not finite:
-            return None
-        divisor = config.p if config.rescale else 1.0
-        means = stats.mean_pieces() if pair else []
-        for (ranges, _), threshold in zip(self.tensors, found):
+        means = stats.mean_pieces() if pair else [stats.mean]
+        whole = [(0, sum(piece.numel() for piece in pieces))]
+        spans = [whole] if self.tensors is None else [ranges for ranges, _ in self.tensors]
+        for ranges, threshold in zip(spans, found):
             for start, end in ranges:
                 if pair:
                     masked_mean_into_(layout_slices(pieces, start, end), layout_slices(means, start, end),
                                       threshold.value, divisor)
-                else:
+                else:  # update *= (scores >= tau); scores consumed
                     mask_update_(stats.mean[start:end], scores[start:end], threshold.value)
         if not pair and divisor != 1.0:
             stats.mean.div_(divisor)
-        return Outcome(kept=sum(threshold.kept for threshold in found))
+        return Outcome(kept=sum(threshold.kept for threshold in found),
+                       threshold=found[0].value if self.tensors is None else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
